@@ -1,0 +1,995 @@
+"""
+Train GPT-2 (124M) from scratch, in one file.
+
+    python train_gpt2.py --preset=shakespeare                  # a small GPT on tiny shakespeare, laptop CPU
+    python fineweb.py                                          # FineWeb-Edu 10B -> edu_fineweb10B/
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py     # the GPT-2 124M reproduction, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume   # continue from the newest checkpoint
+
+Every field of TrainConfig below is a flag: --name=value (python train_gpt2.py --help lists them).
+Importing this file runs nothing: `from train_gpt2 import GPT, GPTConfig`.
+"""
+
+import dataclasses
+import glob
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Hyperparameters: defaults are the GPT-2 124M reproduction on FineWeb-Edu 10B
+
+
+@dataclass
+class TrainConfig:
+    preset: str = ""  # a named set of overrides from PRESETS, applied before the other flags
+    # data
+    data: str = "edu_fineweb10B"  # a text file (input.txt) or a folder of token shards
+    shuffle: bool = False  # permute shard order and document order per epoch (from seed)
+    val_tokens: int = 10_485_760  # tokens of validation per eval, however many ranks (capped by the split)
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024  # tokens of context (T)
+    init_from: str = "scratch"  # "scratch", or a GPT.from_pretrained name/path (gpt2, ./hf_dir)
+    # batch: grad accumulation steps = total_batch_size / (batch_size * block_size * world size)
+    batch_size: int = 64  # sequences per micro-batch per rank (B)
+    total_batch_size: int = 524_288  # tokens per optimizer step, 2**19 ~ 0.5M as in GPT-3 Small
+    # optimizer and schedule (GPT-3 paper, table 2.1 and appendix B)
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
+    warmup_steps: int = 715  # 375M tokens / 2**19 tokens per step
+    max_steps: int = 19_073  # 10B tokens / 2**19 tokens per step = one epoch of FineWeb-Edu 10B
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    # evaluation, sampling, logging, checkpoints
+    eval_interval: int = 250  # steps between val loss / HellaSwag / samples
+    hellaswag: bool = False  # HellaSwag acc_norm at each eval (needs hellaswag.py and its data)
+    hellaswag_path: str = ""  # local hellaswag_val.jsonl; empty downloads it
+    num_samples: int = 4  # samples printed at each eval
+    sample_tokens: int = 32  # tokens per sample
+    sample_prompt: str = "Hello, I'm a language model,"
+    log_dir: str = "log"  # log.txt and checkpoints go here
+    checkpoint_interval: int = 5000  # steps between checkpoints; one is always written at the end
+    keep_checkpoints: int = 3  # newest checkpoints kept in log_dir; 0 keeps all
+    resume: str = ""  # "--resume" alone: newest checkpoint in log_dir; or a checkpoint path
+    # system
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on cuda, gloo otherwise), nccl, gloo
+    dtype: str = "bfloat16"  # autocast dtype: bfloat16 or float32 (no autocast)
+    compile: typing.Optional[bool] = None  # torch.compile; unset: on for cuda only
+    zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
+    skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
+    stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
+    seed: int = 1337
+
+
+# A preset is only a dict of flag values; explicit flags still override it.
+PRESETS = {
+    # a 4-layer GPT on tiny shakespeare that trains on a laptop CPU in about 5 minutes
+    "shakespeare": dict(
+        data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
+        total_batch_size=4096, max_lr=3e-3, warmup_steps=20, max_steps=600, eval_interval=100,
+        checkpoint_interval=200, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the flag or file and says what to do."""
+
+
+def _parse_value(name, text, typ):
+    if typ is bool or typ == typing.Optional[bool]:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        if typ != bool and low in ("auto", "none", ""):
+            return None
+        raise ConfigError(f"--{name}={text}: expected true/false/1/0")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{name}={text}: expected a value of type {typ.__name__}") from None
+
+
+def parse_args(argv):
+    """Builds a TrainConfig from --name=value flags, after applying --preset if given."""
+    hints = typing.get_type_hints(TrainConfig)
+    flags = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: flags look like --name=value")
+        name, has_value, text = arg[2:].partition("=")
+        if name not in hints:
+            valid = " ".join(f"--{f}" for f in hints)
+            raise ConfigError(f"unknown flag --{name}; valid flags: {valid}")
+        if not has_value:  # a bare flag: true for booleans, "latest" for --resume
+            if name == "resume":
+                text = "latest"
+            elif hints[name] in (bool, typing.Optional[bool]):
+                text = "true"
+            else:
+                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+        flags[name] = _parse_value(name, text, hints[name])
+    values = {}
+    if flags.get("preset"):
+        if flags["preset"] not in PRESETS:
+            raise ConfigError(f"--preset={flags['preset']}: unknown preset; choose from {', '.join(PRESETS)}")
+        values.update(PRESETS[flags["preset"]])
+    values.update(flags)
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: GPT-2, with Hugging Face's module names so OpenAI's weights load by a plain copy
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # GPT-2 BPE: 50,000 merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_multiple: int = 64  # embedding rows are padded to a multiple of this (50257 -> 50304)
+    flash: bool = True  # attention through F.scaled_dot_product_attention; False: written out
+
+    @property
+    def padded_vocab_size(self):
+        # 50304 = 2**7 * 393 tiles evenly on GPUs; the padded rows are never predicted or sampled
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, so each sampled token costs one position."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, hs)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+        self.n_head = config.n_head
+        self.flash = config.flash
+        self.layer_idx = layer_idx
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, causal = None, True
+        if cache is not None:  # write this chunk's k, v after the cached ones and attend to all
+            p = cache.pos
+            cache.kv[self.layer_idx, 0, :, :, p:p + T] = k
+            cache.kv[self.layer_idx, 1, :, :, p:p + T] = v
+            k, v = cache.kv[self.layer_idx, 0, :, :, :p + T], cache.kv[self.layer_idx, 1, :, :, :p + T]
+            if p > 0:  # query i sits at position p + i and sees keys 0 .. p + i
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        else:  # the textbook version, kept for the speed ladder in bench.py
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            if causal:
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None):
+        # pre-LayerNorm (GPT-2): the residual stream itself is never normalized
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE", False):
+                # each block adds two projections to the residual stream: keep its variance flat
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy if targets."""
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        # the padded vocab rows make the matmul fast; slicing them off means no padded id is
+        # ever predicted, sampled or counted in the loss
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    # HF GPT-2 stores these as Conv1D, i.e. (in, out): they are transposed on the way in and out
+    _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 dir."""
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.scale_attn_by_inverse_layer_idx:
+            raise ConfigError(f"{name_or_path}: only standard GPT-2 checkpoints load (tanh GELU, plain attention)")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = cls(config)
+        model.load_hf_state_dict(hf.state_dict())
+        return model
+
+    def load_hf_state_dict(self, hf_sd):
+        sd = self.state_dict()
+        V = self.config.vocab_size
+        for key in sd:
+            src = hf_sd[key]
+            with torch.no_grad():
+                if key.endswith(self._TRANSPOSED):
+                    sd[key].copy_(src.t())
+                elif key in ("transformer.wte.weight", "lm_head.weight"):
+                    sd[key][:V].copy_(src[:V])
+                    sd[key][V:].zero_()
+                else:
+                    sd[key].copy_(src)
+
+    def hf_state_dict(self):
+        """Our weights under Hugging Face GPT-2 names and layouts, padded vocab rows removed."""
+        out = {}
+        for key, t in self.state_dict().items():
+            if key.endswith(self._TRANSPOSED):
+                t = t.t()
+            elif key in ("transformer.wte.weight", "lm_head.weight"):
+                t = t[:self.config.vocab_size]
+            out[key] = t.detach().contiguous().clone()
+        return out
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, zero1=False):
+        # decay matmul weights and embeddings (2-D); never biases or LayerNorm gains (1-D)
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # fused AdamW: one kernel for all parameters instead of a loop of small ones
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        kwargs = dict(lr=learning_rate, betas=betas, eps=eps, fused=fused)
+        if zero1:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            opt = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW,
+                                          weight_decay=weight_decay, **kwargs)
+            opt.add_param_group({"params": no_decay, "weight_decay": 0.0})
+            return opt
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self):
+        # 6N for the matmuls of forward + backward, plus attention scores (PaLM paper, appendix B)
+        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, self.config.block_size
+        return 6 * self.num_params() + 12 * L * H * Q * T
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
+        """Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling."""
+        was_training = self.training
+        self.eval()
+        cache, fed = None, 0  # fed: how many tokens of idx the cache already holds
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= self.config.block_size:
+                if cache is None:
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.transformer.wte.weight.dtype)
+                logits, _ = self(idx[:, fed:], cache=cache)
+                fed = idx.size(1)
+            else:  # no cache, or the context outgrew block_size: recompute the cropped window
+                logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat((idx, next_id), dim=1)
+        self.train(was_training)
+        return idx
+
+# ----------------------------------------------------------------------------------------------
+# Data: one token stream over tiny shakespeare or FineWeb-Edu shards, sliced across ranks
+
+EOT = 50256  # <|endoftext|>: fineweb.py puts it before every document
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def get_tokenizer():
+    import tiktoken
+    return tiktoken.get_encoding("gpt2")
+
+
+def load_text_tokens(path, val_fraction=0.1):
+    """A text file as GPT-2 tokens: (train, val), the val split being the last val_fraction."""
+    if not os.path.exists(path):
+        if os.path.basename(path) != "input.txt":
+            raise ConfigError(f"--data={path}: no such file or folder")
+        download_shakespeare(path)
+    with open(path, encoding="utf-8") as f:
+        tokens = np.array(get_tokenizer().encode_ordinary(f.read()), dtype=np.uint16)
+    n_val = int(len(tokens) * val_fraction)
+    if len(tokens) - n_val < 2 or n_val < 2:
+        raise ConfigError(f"--data={path}: {len(tokens)} tokens is too little text to train and validate on")
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def download_shakespeare(path):
+    import requests
+    print(f"{path} not found: downloading tiny shakespeare from {SHAKESPEARE_URL}")
+    try:
+        resp = requests.get(SHAKESPEARE_URL, timeout=30)
+        resp.raise_for_status()
+    except requests.RequestException as e:
+        raise ConfigError(f"could not download tiny shakespeare ({e.__class__.__name__}); "
+                          f"save {SHAKESPEARE_URL} as {path} and run again") from None
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(resp.text)
+    os.replace(tmp, path)
+
+
+def load_shard(path, vocab_size=50257):
+    """A shard memory-mapped, checked: a 1-D uint16 .npy whose ids are all below vocab_size."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # truncated file, not a .npy, ...
+        raise ConfigError(f"shard {path} is unreadable ({e}); delete it and rerun fineweb.py") from None
+    if arr.dtype != np.uint16 or arr.ndim != 1:
+        raise ConfigError(f"shard {path} holds {arr.dtype} {arr.shape}, not a 1-D uint16 token array; "
+                          f"rebuild it with fineweb.py")
+    if len(arr) == 0 or int(arr.max()) >= vocab_size:
+        raise ConfigError(f"shard {path} is empty or holds token ids >= {vocab_size}; rebuild it with fineweb.py")
+    return arr
+
+
+def find_shards(folder):
+    """(train shard paths, val shard paths) of a fineweb.py output folder."""
+    hint = "create it with: python fineweb.py (or pass --data=input.txt)"
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--data={folder}: no such shard folder; {hint}")
+    paths = sorted(glob.glob(os.path.join(folder, "*.npy")))
+    train = [p for p in paths if "train" in os.path.basename(p)]
+    val = [p for p in paths if "val" in os.path.basename(p)]
+    if not train or not val:
+        raise ConfigError(f"--data={folder}: needs *train*.npy and *val*.npy shards, found "
+                          f"{len(train)} and {len(val)}; {hint}")
+    return train, val
+
+
+class Source:
+    """A token array split into documents at each <|endoftext|>, readable in a permuted order."""
+
+    def __init__(self, load):
+        self._load, self._arr, self._starts = load, None, None
+
+    @property
+    def arr(self):
+        if self._arr is None:
+            self._arr = self._load()  # opened (and checked) on first use, not at start-up
+        return self._arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def doc_bounds(self):
+        if self._starts is None:
+            starts = np.flatnonzero(np.asarray(self.arr) == EOT)
+            if len(starts) == 0 or starts[0] != 0:  # a leading fragment is a document too
+                starts = np.concatenate(([0], starts))
+            self._starts = np.append(starts, len(self.arr))
+        return self._starts
+
+    def read(self, offset, n, perm=None):
+        """n tokens from offset, in document order perm (None: as stored)."""
+        if perm is None:
+            return np.asarray(self.arr[offset:offset + n])
+        bounds = self.doc_bounds()
+        lengths = np.diff(bounds)[perm]
+        ends = np.cumsum(lengths)
+        i = int(np.searchsorted(ends, offset, side="right"))
+        pieces, skip = [], offset - (ends[i - 1] if i > 0 else 0)
+        while n > 0:
+            d = perm[i]
+            piece = self.arr[bounds[d] + skip:min(bounds[d + 1], bounds[d] + skip + n)]
+            pieces.append(np.asarray(piece))
+            n -= len(piece)
+            i, skip = i + 1, 0
+        return np.concatenate(pieces)
+
+
+class DataLoaderLite:
+    """
+    Reads (B, T) inputs and targets from a list of sources as one endless stream: a batch that
+    runs off the end of a source continues in the next, and after the last the next epoch starts.
+    Rank r of W takes the r-th B*T window of every W consecutive ones, so ranks are disjoint and
+    together cover the stream. The position is global (in tokens), so it does not depend on W.
+    """
+
+    def __init__(self, sources, B, T, rank=0, world_size=1, shuffle=False, seed=0):
+        self.sources, self.B, self.T = sources, B, T
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.epoch, self.source, self.offset = 0, 0, 0
+        self._orders = {}
+
+    def _order(self, epoch):
+        """(source order, per-source document permutations) of an epoch, derived from the seed."""
+        if not self.shuffle:
+            return list(range(len(self.sources))), None
+        if epoch not in self._orders:
+            self._orders = {}  # keep one epoch's permutations in memory
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.sources)).tolist()
+            perms = [rng.permutation(len(s.doc_bounds()) - 1) for s in self.sources]
+            self._orders[epoch] = (order, perms)
+        return self._orders[epoch]
+
+    def _walk(self, pos, n, read):
+        """Advances pos = (epoch, slot, offset) by n tokens; collects them when read is True."""
+        epoch, slot, offset = pos
+        pieces = []
+        while n > 0:
+            order, perms = self._order(epoch)
+            src = self.sources[order[slot]]
+            take = min(n, len(src) - offset)
+            if read and take > 0:
+                pieces.append(src.read(offset, take, perms[order[slot]] if perms else None))
+            offset, n = offset + take, n - take
+            if offset == len(src):
+                epoch, slot, offset = (epoch + (slot + 1) // len(self.sources), (slot + 1) % len(self.sources), 0)
+        return (epoch, slot, offset), (np.concatenate(pieces) if read else None)
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        pos = (self.epoch, self.source, self.offset)
+        mine, _ = self._walk(pos, B * T * self.rank, read=False)
+        _, buf = self._walk(mine, B * T + 1, read=True)
+        (self.epoch, self.source, self.offset), _ = self._walk(pos, B * T * self.world_size, read=False)
+        buf = torch.from_numpy(buf.astype(np.int64))
+        return buf[:-1].view(B, T), buf[1:].view(B, T)  # targets are the inputs shifted by one
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "source": self.source, "offset": self.offset,
+                "shuffle": self.shuffle, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        if state["shuffle"] != self.shuffle or state["seed"] != self.seed:
+            raise ConfigError(f"--shuffle/--seed differ from the checkpoint's ({state['shuffle']}, "
+                              f"{state['seed']}): resume with the same ones to continue the same data order")
+        self.epoch, self.source, self.offset = state["epoch"], state["source"], state["offset"]
+
+
+def val_windows(sources, B, T, val_tokens):
+    """How many B*T windows the validation stream gives, capped at val_tokens."""
+    total = sum(len(s) for s in sources)
+    n = min(val_tokens, total - 1) // (B * T)
+    if n == 0:
+        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than "
+                          f"one batch of --batch_size*--block_size={B * T} tokens; lower --batch_size")
+    return n
+
+
+def build_data(cfg, B, T, rank, world_size):
+    """(train loader, val sources) for --data: a text file or a fineweb.py shard folder."""
+    if os.path.isdir(cfg.data) or not os.path.splitext(cfg.data)[1]:
+        train_paths, val_paths = find_shards(cfg.data)
+        train = [Source(lambda p=p: load_shard(p)) for p in train_paths]
+        val = [Source(lambda p=p: load_shard(p)) for p in val_paths]
+    else:
+        tr, va = load_text_tokens(cfg.data)
+        train, val = [Source(lambda: tr)], [Source(lambda: va)]
+    loader = DataLoaderLite(train, B, T, rank, world_size, shuffle=cfg.shuffle, seed=cfg.seed)
+    return loader, val
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation, sampling, checkpoints
+
+
+def get_lr(step, cfg):
+    """Linear warmup from max_lr/warmup_steps (never 0), then cosine down to max_lr * min_lr_ratio."""
+    min_lr = cfg.max_lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return min_lr
+    ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - min_lr)
+
+
+@torch.no_grad()
+def evaluate_loss(model, val_sources, B, T, val_tokens, dist_info, autocast):
+    """Mean loss over the first val_tokens of the val split, windows dealt round-robin to ranks."""
+    model.eval()
+    n = val_windows(val_sources, B, T, val_tokens)
+    loader = DataLoaderLite(val_sources, B, T, dist_info.rank, dist_info.world_size)
+    total = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # loss sum, windows
+    for first in range(0, n, dist_info.world_size):
+        x, y = loader.next_batch()
+        if first + dist_info.rank < n:
+            with autocast:
+                _, loss = model(x.to(dist_info.device), y.to(dist_info.device))
+            total += torch.stack([loss.double(), torch.ones_like(loss, dtype=torch.float64)])
+    if dist_info.world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def sample_texts(model, prompt, num_samples, max_new_tokens, device, seed=42, use_cache=True):
+    enc = get_tokenizer()
+    idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, top_k=50, generator=gen, use_cache=use_cache)
+    return [enc.decode(row.tolist()) for row in out]
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temp name, then an atomic rename: a crash never leaves half a checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(log_dir):
+    return sorted(glob.glob(os.path.join(log_dir, "ckpt_*.pt")))
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} could not be read ({e.__class__.__name__}: {e})") from None
+
+
+def model_from_checkpoint(path, device="cpu"):
+    """A GPT with the weights of one of our checkpoints (for sampling, eval, export)."""
+    ckpt = load_checkpoint(path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def check_model_config(saved, current, source):
+    for key, value in saved.items():
+        if current.get(key) != value:
+            raise ConfigError(f"{source} was trained with {key}={value}, this run has {key}={current.get(key)}; "
+                              f"drop --{key} or pass --{key}={value}")
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
+                  "has_gauss": np_state[3], "gauss": np_state[4]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup and small helpers
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+    device_type: str  # "cuda", "mps" or "cpu": what autocast and the fused checks want
+    master: bool
+
+
+def setup_distributed(device="auto", backend="auto"):
+    """Reads torchrun's environment; one process without it. NCCL on CUDA, gloo on CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    device_type = device.split(":")[0]
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA GPU is visible; use --device=cpu")
+    if "RANK" not in os.environ:
+        return DistInfo(0, 0, 1, device, device_type, True)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return DistInfo(rank, local_rank, world, device, device_type, rank == 0)
+
+
+def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
+    """FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    sync()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def append_log(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def fmt_count(x):
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def resolve_resume(cfg, explicit):
+    """The checkpoint to resume from, and the run config: the checkpoint's, with explicit flags on top."""
+    path = cfg.resume
+    if path == "latest":
+        found = list_checkpoints(cfg.log_dir)
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in --log_dir={cfg.log_dir}; "
+                              f"start without --resume or pass --resume=PATH")
+        path = found[-1]
+    ckpt = load_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in ckpt["config"].items() if k in known}
+    values.update(explicit)
+    values["resume"] = path
+    return ckpt, TrainConfig(**values)
+
+
+def train(cfg, explicit=None):
+    """Runs (or resumes) one training run; returns a summary dict. Called by main() on every rank."""
+    ckpt = None
+    if cfg.resume:
+        ckpt, cfg = resolve_resume(cfg, explicit if explicit is not None else {})
+    if cfg.dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
+    d = setup_distributed(cfg.device, cfg.backend)
+    print0 = print if d.master else (lambda *a, **k: None)
+    B, T = cfg.batch_size, cfg.block_size
+    if cfg.total_batch_size % (B * T * d.world_size) != 0:
+        raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of --batch_size * "
+                          f"--block_size * world size = {B}*{T}*{d.world_size}; make it a multiple of "
+                          f"{B * T * d.world_size}")
+    grad_accum = cfg.total_batch_size // (B * T * d.world_size)
+    if cfg.max_steps < 1 or cfg.warmup_steps < 0:
+        raise ConfigError("--max_steps must be >= 1 and --warmup_steps >= 0")
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+    if d.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x fp32 on A100/H100
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
+                if cfg.dtype == "bfloat16" else nullcontext())
+
+    # model: raw_model holds the weights; model is what training calls (compiled, DDP-wrapped)
+    if cfg.init_from == "scratch":
+        raw_model = GPT(GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    else:
+        raw_model = GPT.from_pretrained(cfg.init_from)
+        if T > raw_model.config.block_size:
+            raise ConfigError(f"--block_size={T} exceeds {cfg.init_from}'s {raw_model.config.block_size}; "
+                              f"pass --block_size={raw_model.config.block_size} or less")
+    model_config = dataclasses.asdict(raw_model.config)
+    if ckpt is not None:
+        check_model_config(ckpt["model_config"], model_config, cfg.resume)
+        raw_model.load_state_dict(ckpt["model"])
+    raw_model.to(d.device)
+    compiled = torch.compile(raw_model) if (cfg.compile if cfg.compile is not None else d.device_type == "cuda") \
+        else raw_model
+    model = compiled
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
+                                               d.device_type, zero1=cfg.zero1 and d.world_size > 1)
+
+    loader, val_sources = build_data(cfg, B, T, d.rank, d.world_size)
+    os.makedirs(cfg.log_dir, exist_ok=True)
+    log_path = os.path.join(cfg.log_dir, "log.txt")
+    start_step, val_loss = 0, None
+    if ckpt is not None:
+        if ckpt["config"]["total_batch_size"] != cfg.total_batch_size:
+            raise ConfigError(f"--total_batch_size={cfg.total_batch_size} differs from the checkpoint's "
+                              f"{ckpt['config']['total_batch_size']}: the LR schedule and data position are "
+                              f"counted in its steps; keep it (--batch_size and GPU count may change)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["loader"])
+        set_rng_state(ckpt["rng"])
+        start_step, val_loss = ckpt["step"], ckpt["val_loss"]
+        if d.master:
+            truncate_log_to(log_path, ckpt["log_pos"])
+
+    hellaswag_items = None
+    if cfg.hellaswag:
+        import hellaswag
+        hellaswag_items = hellaswag.load_items(cfg.hellaswag_path or None)
+
+    flops_per_step = raw_model.flops_per_token() * cfg.total_batch_size
+    peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
+    print0(f"model: {raw_model.num_params() / 1e6:.2f}M params | device {d.device} x {d.world_size} | "
+           f"grad accum {grad_accum} | {cfg.total_batch_size} tokens/step | measured peak "
+           f"{peak / 1e12:.2f} TFLOP/s per device" + (f" | resuming at step {start_step}" if ckpt else ""))
+
+    # preemption and Ctrl-C: finish the step, checkpoint, exit; a second signal kills at once
+    stop = {"signal": 0}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)
+    if d.master or d.world_size > 1:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, on_signal)
+
+    def checkpoint(step):
+        if cfg.zero1 and d.world_size > 1:
+            optimizer.consolidate_state_dict(to=0)  # collective: every rank takes part
+        if not d.master:
+            return
+        path = os.path.join(cfg.log_dir, f"ckpt_{step:06d}.pt")
+        save_checkpoint(path, {
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "config": dataclasses.asdict(cfg), "model_config": model_config, "val_loss": val_loss,
+            "loader": loader.state_dict(), "rng": rng_state(),
+            "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0,
+        })
+        if cfg.keep_checkpoints > 0:
+            for old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
+                os.remove(old)
+        print0(f"checkpoint: {path}")
+
+    step_times, step = [], start_step
+    for step in range(start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
+            val_loss = evaluate_loss(compiled, val_sources, B, T, cfg.val_tokens, d, autocast)
+            print0(f"step {step} | val loss {val_loss:.4f}")
+            if d.master:
+                append_log(log_path, f"{step} val {val_loss:.4f}")
+            if hellaswag_items is not None:
+                import hellaswag
+                counts = hellaswag.evaluate_counts(raw_model, hellaswag_items, d.device, d.rank,
+                                                   d.world_size, autocast=autocast)
+                acc_norm = counts["correct_norm"] / max(1, counts["total"])
+                print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
+                if d.master:
+                    append_log(log_path, f"{step} hella {acc_norm:.4f}")
+            if d.master and cfg.num_samples > 0:
+                with autocast:
+                    for text in sample_texts(raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
+                                             d.device, seed=cfg.seed + step):
+                        print(f"sample: {text!r}")
+
+        # one optimizer step over grad_accum micro-batches
+        t0 = time.perf_counter()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=d.device)
+        for micro_step in range(grad_accum):
+            x, y = loader.next_batch()
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            # sync gradients across ranks only on the last micro-step; no_sync() must cover the
+            # forward too, since DDP arms its reducer there
+            sync = d.world_size == 1 or micro_step == grad_accum - 1
+            with (nullcontext() if sync else model.no_sync()):
+                with autocast:
+                    _, loss = model(x, y)
+                # the mean over the whole batch is the mean of micro-batch means / grad_accum
+                loss = loss / grad_accum
+                loss_accum += loss.detach()
+                loss.backward()
+        if d.world_size > 1:
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            loss_accum /= d.world_size
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_val, norm_val = loss_accum.item(), norm.item()  # same on every rank: all-reduced
+        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
+            good = list_checkpoints(cfg.log_dir)
+            msg = (f"step {step}: non-finite loss {loss_val} / grad norm {norm_val}; "
+                   f"last good checkpoint: {good[-1] if good else 'none'}")
+            if not cfg.skip_nonfinite:
+                raise FloatingPointError(msg + " -- resume from it with --resume and a lower --max_lr, "
+                                               "or pass --skip_nonfinite=true to skip such steps")
+            print0(msg + " -- step skipped (--skip_nonfinite)")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+        if d.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        tok_per_s = cfg.total_batch_size / dt
+        mfu = flops_per_step / dt / (peak * d.world_size)
+        print0(f"step {step + 1}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
+               f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(tok_per_s)} | mfu {mfu * 100:.0f}%")
+        if d.master:
+            append_log(log_path, f"{step} train {loss_val:.6f}")
+
+        # all ranks agree on stopping: a signal seen by any rank stops them all after this step
+        flag = torch.tensor([stop["signal"]], device=d.device)
+        if d.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopping = bool(flag.item()) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
+        if stopping or last_step or (cfg.checkpoint_interval > 0 and (step + 1) % cfg.checkpoint_interval == 0):
+            checkpoint(step + 1)
+        if stopping:
+            print0(f"stopped after step {step + 1}" + (f" on signal {int(flag.item())}" if flag.item() else "")
+                   + "; continue with --resume")
+            break
+
+    timed = step_times[1:] or step_times  # the first step pays for compile and warm-up
+    summary = {"step": step + 1, "val_loss": val_loss, "mean_step_ms": 1000 * sum(timed) / max(1, len(timed))}
+    if d.device_type == "cuda":
+        summary["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    print0("done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    if d.world_size > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+def truncate_log_to(log_path, pos):
+    """On resume, lines logged after the checkpoint are run again: move them aside, not lose them."""
+    if not os.path.exists(log_path) or os.path.getsize(log_path) <= pos:
+        return
+    with open(log_path, "rb+") as f:
+        f.seek(pos)
+        tail = f.read()
+        with open(log_path + ".superseded", "ab") as side:
+            side.write(tail)
+        f.truncate(pos)
+
+
+def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        for f in dataclasses.fields(TrainConfig):
+            print(f"  --{f.name}={f.default}")
+        print(f"presets: {', '.join(PRESETS)}")
+        return 0
+    try:
+        cfg = parse_args(argv)
+        explicit = {k: v for k, v in dataclasses.asdict(cfg).items()
+                    if any(a.startswith(f"--{k}=") or a == f"--{k}" for a in argv)
+                    or (cfg.preset and k in PRESETS[cfg.preset])}
+        train(cfg, explicit)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
