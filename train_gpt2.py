@@ -719,8 +719,9 @@ def setup_distributed(device="auto", backend="auto"):
 
 def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
     """FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     a @ b
     sync()
@@ -754,7 +755,8 @@ def resolve_resume(cfg, explicit):
                               f"start without --resume or pass --resume=PATH")
         path = found[-1]
     ckpt = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    # stop_step belongs to one invocation (one job of a split run), not to the run
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
     values.update(explicit)
     values["resume"] = path

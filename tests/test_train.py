@@ -1,0 +1,108 @@
+"""Config parsing, LR schedule, the text loader and a short end-to-end run of train_gpt2.py."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2
+from conftest import ROOT, shared_file
+from train_gpt2 import ConfigError, DataLoaderLite, Source, TrainConfig, get_lr, parse_args
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--total_batch_size=256", "--val_tokens=2048", "--dtype=float32", "--num_samples=1",
+        "--sample_tokens=8"]
+
+
+@pytest.fixture
+def shakespeare(tmp_path):
+    path = tmp_path / "input.txt"
+    shutil.copy(shared_file("tinyshakespeare.txt"), path)
+    return str(path)
+
+
+def test_defaults_are_the_124M_reproduction():
+    c = TrainConfig()
+    assert (c.batch_size, c.block_size, c.total_batch_size) == (64, 1024, 524288)
+    assert (c.max_lr, c.warmup_steps, c.max_steps, c.weight_decay) == (6e-4, 715, 19073, 0.1)
+    assert (c.beta1, c.beta2, c.eps, c.grad_clip, c.seed) == (0.9, 0.95, 1e-8, 1.0, 1337)
+    assert c.max_lr * c.min_lr_ratio == pytest.approx(6e-5)
+
+
+def test_cli_overrides_parse_with_their_types():
+    c = parse_args(["--max_lr=1e-3", "--n_layer=6", "--compile=false", "--shuffle", "--data=input.txt",
+                    "--resume"])
+    assert c.max_lr == 1e-3 and isinstance(c.n_layer, int) and c.n_layer == 6
+    assert c.compile is False and c.shuffle is True and c.data == "input.txt" and c.resume == "latest"
+    assert parse_args(["--compile=1"]).compile is True and parse_args([]).compile is None
+    # a preset sets values; an explicit flag still wins
+    c = parse_args(["--preset=shakespeare", "--max_steps=7"])
+    assert c.data == "input.txt" and c.n_layer == 4 and c.max_steps == 7
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layers=6"], "unknown flag --n_layers; valid flags: .*--n_layer"),
+    (["--n_layer=six"], "--n_layer=six: expected a value of type int"),
+    (["--compile=maybe"], "--compile=maybe: expected true/false/1/0"),
+    (["--preset=huge"], "unknown preset"),
+    (["n_layer=6"], "flags look like --name=value"),
+])
+def test_cli_errors_are_clear(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_lr_schedule():
+    c = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=110)
+    assert get_lr(0, c) == pytest.approx(6e-5)  # never 0 at step 0
+    assert get_lr(9, c) == pytest.approx(6e-4)  # end of warmup
+    assert get_lr(60, c) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half-way down the cosine
+    assert get_lr(110, c) == pytest.approx(6e-5)  # the floor: 10% of max_lr
+    assert all(get_lr(s, c) >= get_lr(s + 1, c) for s in range(9, 120))
+
+
+def test_loader_targets_are_inputs_shifted_and_wrap():
+    stream = np.arange(100, dtype=np.uint16)
+    loader = DataLoaderLite([Source(lambda: stream)], B=2, T=8)
+    seen = []
+    for _ in range(8):  # 8 * 16 tokens > 100: the stream wraps into the next epoch
+        x, y = loader.next_batch()
+        assert x.shape == y.shape == (2, 8)
+        assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+        seen.append(x.flatten())
+    flat = torch.cat(seen).numpy()
+    assert np.array_equal(flat, np.arange(128) % 100)  # contiguous, no token skipped at the wrap
+    assert loader.epoch == 1
+
+
+def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
+    log_dir = tmp_path / "log"
+    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}", f"--log_dir={log_dir}",
+           "--max_steps=6", "--eval_interval=3", "--checkpoint_interval=3", "--warmup_steps=2", *TINY]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "step 6/6 | loss" in out.stdout and "| tok/s" in out.stdout and "sample:" in out.stdout
+    lines = (log_dir / "log.txt").read_text().split("\n")
+    train = [l for l in lines if " train " in l]
+    assert [int(l.split()[0]) for l in train] == list(range(6))
+    assert [l.split()[0] for l in lines if " val " in l] == ["0", "3", "5"]
+    assert float(train[-1].split()[2]) < float(train[0].split()[2])  # it learns
+    ckpt = torch.load(log_dir / "ckpt_000006.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["n_layer"] == 2 and math.isfinite(ckpt["val_loss"])
+    assert os.path.exists(log_dir / "ckpt_000003.pt")
+    model = train_gpt2.model_from_checkpoint(str(log_dir / "ckpt_000006.pt"))
+    texts = train_gpt2.sample_texts(model, "ROMEO:", 2, 10, "cpu")
+    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) > len("ROMEO:") for t in texts)
+
+
+def test_bad_batch_sizes_and_missing_data_are_one_line_errors(tmp_path, shakespeare, capsys):
+    rc = train_gpt2.main([f"--data={shakespeare}", f"--log_dir={tmp_path}", *TINY, "--total_batch_size=100"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "--total_batch_size=100 is not a multiple of" in err and "multiple of 128" in err
+    rc = train_gpt2.main([f"--data={tmp_path}/nope.txt", f"--log_dir={tmp_path}", *TINY])
+    assert rc == 2 and "nope.txt: no such file" in capsys.readouterr().err
