@@ -1,0 +1,60 @@
+"""torchrun with gloo on CPU: 2 ranks compute exactly what 1 process with twice the accumulation does."""
+import pytest
+import torch
+
+from helpers_run import final_params, read_log, run
+from test_train import TINY, shakespeare  # noqa: F401  (fixture)
+
+STEPS = 6
+
+
+def args(data, log_dir, extra=()):
+    return [f"--data={data}", f"--log_dir={log_dir}", f"--max_steps={STEPS}", "--warmup_steps=2",
+            "--eval_interval=3", "--num_samples=0", "--checkpoint_interval=0", *TINY, "--total_batch_size=512",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """1 process, grad accum 4 (512 / (4 * 32))."""
+    path = tmp_path_factory.mktemp("data") / "input.txt"
+    from conftest import shared_file
+    path.write_text(open(shared_file("tinyshakespeare.txt")).read())
+    log_dir = tmp_path_factory.mktemp("single")
+    out = run(args(path, log_dir))
+    assert "grad accum 4" in out.stdout
+    return path, log_dir
+
+
+def assert_same_run(dir_a, dir_b, atol):
+    losses_a, losses_b = read_log(dir_a), read_log(dir_b)
+    assert [s for s, _ in losses_a] == [s for s, _ in losses_b] == list(range(STEPS))
+    for (s, a), (_, b) in zip(losses_a, losses_b):
+        assert abs(a - b) <= atol, f"step {s}: {a} vs {b}"
+    for (s, a), (_, b) in zip(read_log(dir_a, "val"), read_log(dir_b, "val")):
+        assert abs(a - b) <= 1e-4, f"val at step {s}: {a} vs {b}"  # logged with 4 decimals
+    pa, pb = final_params(dir_a, STEPS), final_params(dir_b, STEPS)
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], atol=atol, rtol=0, msg=name)
+
+
+def test_ddp_two_ranks_equal_one_process(single_process, tmp_path):
+    data, single_dir = single_process
+    out = run(args(data, tmp_path), nproc=2)
+    assert "x 2 | grad accum 2" in out.stdout  # 2 ranks x accum 2 == 1 x accum 4
+    assert out.stdout.count("step 6/6 | loss") == 1  # only rank 0 prints
+    assert_same_run(single_dir, tmp_path, atol=1e-5)
+
+
+def test_zero1_resumes_and_matches_plain_adamw(single_process, tmp_path):
+    data, single_dir = single_process
+    run(args(data, tmp_path, ["--zero1", "--stop_step=3"]), nproc=2)
+    run(args(data, tmp_path, ["--zero1", "--resume"]), nproc=2)
+    assert_same_run(single_dir, tmp_path, atol=1e-5)
+
+
+def test_world_size_that_does_not_divide_the_batch(single_process, tmp_path):
+    data, _ = single_process
+    out = run(args(data, tmp_path, ["--total_batch_size=384"]), nproc=2, check=False)
+    assert out.returncode != 0
+    assert "--total_batch_size=384 is not a multiple of --batch_size * --block_size * world size = 4*32*2" in out.stderr
