@@ -1,0 +1,270 @@
+"""fineweb.py: the shards hold exactly <|endoftext|> + tokens of every document, and resume is byte-exact."""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fineweb
+from conftest import ROOT, shared_file
+from train_gpt2 import find_shards, load_shard
+
+SHARD = 20_000  # tokens per shard in these tests: several shards from a few hundred kB of text
+
+
+def enc():
+    return fineweb.get_encoding()
+
+
+def random_docs(n, seed, words_per_doc=(0, 3000)):
+    """Documents of random length from a vocabulary with punctuation, digits, accents, CJK, emoji."""
+    rng = np.random.default_rng(seed)
+    vocab = ("the of and to in a is that for it as was with be by on not he I this are or his from at "
+             "which but have an they you were her she there been one all we their has would when if "
+             "2024 3.14 -- ... !? café naïve Zürich 東京 データ 🙂 \n\n \t é'ß").split(" ")
+    vocab += ["\n", " ", "  "]
+    docs = []
+    for _ in range(n):
+        k = int(rng.integers(*words_per_doc))
+        docs.append(" ".join(vocab[i] for i in rng.integers(0, len(vocab), k)))
+    return docs
+
+
+def write_jsonl(path, docs):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return str(path)
+
+
+def expected_stream(docs):
+    return np.array([t for text in docs for t in [fineweb.EOT] + enc().encode_ordinary(text)], dtype=np.uint16)
+
+
+def run(files, out, *flags):
+    return fineweb.main(["--files", *files, "--out", str(out), f"--shard_size={SHARD}", "--no_progress", *flags])
+
+
+def read_shards(out):
+    """The shards of out in manifest order, as arrays, checked against the manifest."""
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    arrays = []
+    for s in manifest["shards"]:
+        path = os.path.join(out, s["file"])
+        arr = np.load(path)
+        assert arr.dtype == np.uint16 and arr.ndim == 1
+        assert len(arr) == s["tokens"] and s["sha256"] == fineweb.file_sha256(path)
+        assert s["docs"] == np.count_nonzero(arr == fineweb.EOT)
+        arrays.append(arr)
+    return manifest, arrays
+
+
+def folder_bytes(out):
+    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out, "*")))}
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    """Two jsonl files, ~200k tokens: short, empty, odd and multi-shard documents, and a blank line."""
+    docs = random_docs(60, seed=0)
+    docs[5] = ""
+    docs[7] = " ".join(["long"] * 45_000)  # one document over two shard boundaries
+    docs[9] = "a text may contain <|endoftext|> as text: it is ordinary text, not token 50256"
+    docs[11] = "a lone surrogate \ud800 from a JSON escape"  # encode_ordinary's repair path
+    a = write_jsonl(tmp_path / "a.jsonl", docs[:30])
+    b = write_jsonl(tmp_path / "b.jsonl", docs[30:])
+    with open(b, "a") as f:
+        f.write("\n")  # a trailing blank line is not a document
+    return [a, b], docs
+
+
+def check_stream(out, docs):
+    manifest, arrays = read_shards(out)
+    stream = np.concatenate(arrays)
+    assert len(stream) == sum(1 + len(enc().encode_ordinary(d)) for d in docs)
+    np.testing.assert_array_equal(stream, expected_stream(docs))
+    names = [s["file"] for s in manifest["shards"]]
+    assert names[0] == "edufineweb_val_000000.npy"
+    assert names[1:] == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(names))]
+    assert all(len(a) == SHARD for a in arrays[:-1]) and 0 < len(arrays[-1]) <= SHARD
+    assert manifest["complete"] and manifest["shards"][-1]["end"] == [len(docs), 0]
+    # train_gpt2 finds and accepts them
+    train, val = find_shards(str(out))
+    assert [os.path.basename(p) for p in val] == names[:1] and len(train) == len(names) - 1
+    assert all(len(load_shard(p)) > 0 for p in train + val)
+
+
+def test_jsonl_stream_is_every_document(jsonl, tmp_path):
+    files, docs = jsonl
+    assert run(files, tmp_path / "out", "--workers=1") == 0
+    check_stream(tmp_path / "out", docs)
+    # a shard boundary inside a document is recorded as (document, token offset)
+    _, arrays = read_shards(tmp_path / "out")
+    assert len(arrays) >= 6
+
+
+def test_parquet_stream_and_workers(tmp_path):
+    """Real FineWeb documents: the exact stream, and 2 workers write the same bytes as 1."""
+    files = [shared_file("fineweb_sample_000001.parquet"), shared_file("fineweb_sample_000002.parquet")]
+    import pyarrow.parquet as pq
+    docs = [t for f in files for t in pq.read_table(f).column("text").to_pylist()]
+    assert run(files, tmp_path / "w1", "--workers=1") == 0
+    check_stream(tmp_path / "w1", docs)
+    assert run(files, tmp_path / "w2", "--workers=2", "--chunk_docs=7") == 0
+    assert folder_bytes(tmp_path / "w1") == folder_bytes(tmp_path / "w2")
+
+
+def test_max_tokens(jsonl, tmp_path):
+    files, docs = jsonl
+    assert run(files, tmp_path / "out", "--workers=1", "--max_tokens=50001") == 0
+    manifest, arrays = read_shards(tmp_path / "out")
+    np.testing.assert_array_equal(np.concatenate(arrays), expected_stream(docs)[:50001])
+    assert [len(a) for a in arrays] == [SHARD, SHARD, 10001]
+    assert run(files, tmp_path / "out", "--workers=1", "--max_tokens=50001") == 0  # complete: a no-op
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_resume_after_stop_is_byte_identical(jsonl, tmp_path, stop_after):
+    files, docs = jsonl
+    assert run(files, tmp_path / "clean", "--workers=1") == 0
+    assert run(files, tmp_path / "resumed", "--workers=1", f"--stop_after={stop_after}") == 0
+    manifest, _ = read_shards(tmp_path / "resumed")
+    assert len(manifest["shards"]) == stop_after and not manifest["complete"]
+    # what a kill leaves: a half-written next shard and manifest, both under temp names
+    (tmp_path / "resumed" / f"edufineweb_train_{stop_after:06d}.npy.tmp").write_bytes(b"\x93NUMPY half")
+    (tmp_path / "resumed" / "manifest.json.tmp").write_text('{"params": ')
+    assert run(files, tmp_path / "resumed", "--workers=1", "--chunk_docs=5") == 0
+    assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "clean")
+
+
+def test_kill9_then_rerun_is_byte_identical(tmp_path):
+    """kill -9 of a real run (main process and its workers) after its first shard, then a rerun."""
+    files = [write_jsonl(tmp_path / "big.jsonl", random_docs(400, seed=1, words_per_doc=(1000, 4000)))]
+    cmd = [sys.executable, os.path.join(ROOT, "fineweb.py"), "--files", *files, "--out", str(tmp_path / "killed"),
+           f"--shard_size={SHARD}", "--workers=2", "--no_progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    manifest_path = tmp_path / "killed" / "manifest.json"
+    try:
+        deadline = time.time() + 60
+        while not manifest_path.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session started above: the run and its workers
+        except ProcessLookupError:  # it ended by itself: the assert below says so
+            pass
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed: give it more data"
+    manifest, _ = read_shards(tmp_path / "killed")
+    assert 1 <= len(manifest["shards"]) and not manifest["complete"]
+    assert run(files, tmp_path / "killed", "--workers=1") == 0
+    assert run(files, tmp_path / "clean", "--workers=1") == 0
+    assert folder_bytes(tmp_path / "killed") == folder_bytes(tmp_path / "clean")
+
+
+def test_other_parameters_over_a_folder_is_an_error(jsonl, tmp_path, capsys):
+    files, _ = jsonl
+    assert run(files, tmp_path / "out", "--workers=1", "--stop_after=1") == 0
+    capsys.readouterr()
+    assert fineweb.main(["--files", *files, "--out", str(tmp_path / "out"), "--shard_size=30000",
+                         "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "shard_size: 20000 there, 30000 now" in err
+    assert len(err.strip().splitlines()) == 1
+    os.remove(tmp_path / "out" / "edufineweb_val_000000.npy")  # a finished shard lost
+    assert run(files, tmp_path / "out", "--workers=1") == 2
+    assert "edufineweb_val_000000.npy is missing" in capsys.readouterr().err
+
+
+def test_empty_glob_is_an_error(tmp_path, capsys):
+    assert run([str(tmp_path / "nothing*.jsonl")], tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --files") and "matches no file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "fine"}\n{"text": 123}\n', "document 1 ({path} line 2): text is int, not a string"),
+    ('{"text": "fine"}\n\n{"text": null}\n', "document 1 ({path} line 3): text is NoneType, not a string"),
+    ('{"text": "fine"}\n{"text": "broken\n', "{path} line 2: not valid JSON"),
+    ('{"body": "no text field"}\n', "{path} line 1: expected a JSON object with a \"text\" field"),
+    (b'{"text": "caf\xe9"}\n', "{path} line 1: not UTF-8 text"),
+])
+def test_bad_document_is_named(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert run([str(path)], tmp_path / "out", "--workers=1") == 2
+    err = capsys.readouterr().err
+    assert message.format(path=path) in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_document_in_a_worker_is_named(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    write_jsonl(path, ["ok"] * 20 + [None])
+    assert run([str(path)], tmp_path / "out", "--workers=2", "--chunk_docs=4") == 2
+    assert f"error: document 20 ({path} line 21): text is NoneType" in capsys.readouterr().err
+
+
+def test_unreadable_files(tmp_path, capsys):
+    (tmp_path / "junk.parquet").write_bytes(b"this is not parquet")
+    assert run([str(tmp_path / "junk.parquet")], tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --files: {tmp_path / 'junk.parquet'} is not a readable parquet file")
+    (tmp_path / "folder.jsonl").mkdir()
+    assert run([str(tmp_path / "folder.jsonl")], tmp_path / "out") == 2
+    assert f"error: --files: cannot read {tmp_path / 'folder.jsonl'} (Is a directory)" in capsys.readouterr().err
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    assert run([str(tmp_path / "notes.csv")], tmp_path / "out") == 2
+    assert "notes.csv is not a .jsonl, .parquet, .txt file" in capsys.readouterr().err
+
+
+def test_token_range_check_names_the_document():
+    labels = ["document 0 (a)", "document 1 (b)"]
+    tokens, lengths = fineweb.tokenize_docs(["x", "y"], labels, lambda text: [65535, 0])
+    assert tokens.tolist() == [fineweb.EOT, 65535, 0] * 2 and lengths.tolist() == [3, 3]
+    with pytest.raises(fineweb.DataError, match=r"document 1 \(b\): token id 65536 does not fit in uint16"):
+        fineweb.tokenize_docs(["x", "y"], labels, lambda text: [1] if text == "x" else [5, 65536])
+    with pytest.raises(fineweb.DataError, match=r"document 0 \(a\): token id -1"):
+        fineweb.tokenize_docs(["x", "y"], labels, lambda text: [-1])
+
+
+def test_txt_files_are_one_document_each(tmp_path):
+    docs = random_docs(3, seed=2)
+    paths = []
+    for i, text in enumerate(docs):
+        paths.append(str(tmp_path / f"doc{i}.txt"))
+        with open(paths[-1], "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    assert run([str(tmp_path / "doc*.txt")], tmp_path / "out", "--workers=1") == 0
+    _, arrays = read_shards(tmp_path / "out")
+    np.testing.assert_array_equal(np.concatenate(arrays), expected_stream(docs))
+
+
+def test_dataset_path_matches_files_and_resumes(tmp_path, monkeypatch):
+    """The default source (a Hugging Face dataset, here a local parquet folder): same shards as --files,
+    and a stopped run resumes by row index to the same bytes."""
+    files = [shared_file("fineweb_sample_000001.parquet"), shared_file("fineweb_sample_000002.parquet")]
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    params = {"source": {"dataset": str(folder)}}
+
+    def docs_from(start):
+        return fineweb.iter_dataset(str(folder), "", "train", start, cache_dir=str(tmp_path / "hf_cache"))
+
+    fineweb.write_shards(docs_from, str(tmp_path / "ds"), params, SHARD, stop_after=2, progress=False)
+    fineweb.write_shards(docs_from, str(tmp_path / "ds"), params, SHARD, progress=False)
+    assert run(files, tmp_path / "files", "--workers=1") == 0
+    ds, from_files = folder_bytes(tmp_path / "ds"), folder_bytes(tmp_path / "files")
+    del ds["manifest.json"], from_files["manifest.json"]  # their params differ: dataset vs files
+    assert ds == from_files
