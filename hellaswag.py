@@ -1,0 +1,291 @@
+"""
+HellaSwag (Zellers et al. 2019) validation accuracy, completion style, as build-nanogpt reports it.
+
+    python hellaswag.py --model=gpt2                          # OpenAI GPT-2 124M (downloads the val set)
+    python hellaswag.py --checkpoint=log/ckpt_019073.pt       # one of our checkpoints
+    python hellaswag.py --model=./hf_export --data_path=hellaswag_val.jsonl --limit=500
+    torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint=log/ckpt_019073.pt
+    python hellaswag.py --benchmark --data_path=hellaswag_val.jsonl   # batched vs one item per forward
+
+Each item is a context and 4 endings. The model reads context + " " + ending for each ending and
+we sum its cross-entropy over the ending tokens: the lowest sum is its answer (acc), the lowest
+mean per token its length-normalized answer (acc_norm, the number GPT-2/GPT-3 comparisons quote).
+Importing runs nothing; train_gpt2.py calls load_items() and evaluate_counts().
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+DATA_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
+
+
+class HellaSwagError(ValueError):
+    """Bad or missing data: the message names the file (and line) and says what to do."""
+
+# ----------------------------------------------------------------------------------------------
+# Data: the validation set, downloaded once and checked
+
+
+def download(cache_dir=CACHE_DIR):
+    """Path of hellaswag_val.jsonl in cache_dir, downloaded and sha256-checked if not there yet."""
+    path = os.path.join(cache_dir, "hellaswag_val.jsonl")
+    if os.path.exists(path):  # only a verified download is ever renamed to this name
+        return path
+    import requests
+    hint = "download it by hand and pass its path: --data_path=FILE here, --hellaswag_path=FILE to train_gpt2.py"
+    print(f"downloading {DATA_URL} to {path}")
+    try:
+        resp = requests.get(DATA_URL, timeout=60)
+        resp.raise_for_status()
+    except requests.RequestException as e:
+        raise HellaSwagError(f"could not download {DATA_URL} ({e.__class__.__name__}); {hint}") from None
+    digest = hashlib.sha256(resp.content).hexdigest()
+    if digest != DATA_SHA256:
+        raise HellaSwagError(f"{DATA_URL} has sha256 {digest}, expected {DATA_SHA256} (cut download or changed "
+                             f"upstream); {hint}")
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # a name per process: every rank of a run may download at once
+    with open(tmp, "wb") as f:
+        f.write(resp.content)
+    os.replace(tmp, path)
+    return path
+
+
+def parse_item(line):
+    """One jsonl line -> {"ctx": str, "endings": [4 str], "label": int}; ValueError says what is wrong."""
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(raw, dict) or not all(k in raw for k in ("ctx", "endings", "label")):
+        raise ValueError("expected a JSON object with keys ctx, endings, label")
+    ctx, endings, label = raw["ctx"], raw["endings"], raw["label"]
+    if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
+            or not all(isinstance(e, str) for e in endings):
+        raise ValueError("ctx must be a string and endings a list of 4 strings")
+    if type(label) is not int or not 0 <= label < 4:
+        raise ValueError(f"label must be an integer 0-3, got {label!r}")
+    return {"ctx": ctx, "endings": endings, "label": label}
+
+
+def load_items(path=None, cache_dir=CACHE_DIR):
+    """The items of a HellaSwag jsonl file; path None: the full validation set (downloaded once)."""
+    if path is None:
+        path = download(cache_dir)
+    elif not os.path.isfile(path):
+        raise HellaSwagError(f"HellaSwag file {path}: no such file")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(parse_item(line))
+            except ValueError as e:
+                raise HellaSwagError(f"{path}:{lineno}: {e}") from None
+    if not items:
+        raise HellaSwagError(f"{path}: no items in the file")
+    return items
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: the one function that the CLI and training both use
+
+
+def context_length(model):
+    """Longest sequence the model reads: our GPT's block_size, or a Hugging Face n_positions."""
+    c = model.config
+    for name in ("block_size", "n_positions", "max_position_embeddings"):
+        if getattr(c, name, None):
+            return int(getattr(c, name))
+    raise ValueError(f"{type(model).__name__}: no block_size / n_positions in its config")
+
+
+def model_logits(model, idx):
+    out = model(idx)
+    # our GPT returns (logits, loss) with the padded vocab rows already cut; Hugging Face an output object
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+def render(item, enc, max_len):
+    """An item as 4 token rows (context + ending) and 4 masks that are 1 on the ending tokens."""
+    # encode_ordinary: like encode, but a literal "<|endoftext|>" in the text is read as text, not an error
+    ctx = enc.encode_ordinary(item["ctx"])
+    rows, masks = [], []
+    for ending in item["endings"]:
+        # GPT-2 tokens carry their leading space, so the space goes with the ending
+        end = enc.encode_ordinary(" " + ending)
+        # too long for the model: drop context from the left, the ending tokens are what we score
+        rows.append((ctx + end)[-max_len:])
+        masks.append(([0] * len(ctx) + [1] * len(end))[-max_len:])
+    return rows, masks
+
+
+@torch.no_grad()
+def score(model, items, device, batch_size=8, autocast=nullcontext(), progress=False):
+    """
+    Per item and ending, the summed and the mean cross-entropy of the ending tokens: two (N, 4)
+    float tensors on the CPU. batch_size items (4 rows each) share a forward; the rows are padded
+    on the right, which the causal mask hides from every real token, so batching does not change
+    a row's result.
+    """
+    import tiktoken
+    from tqdm import tqdm
+    enc = tiktoken.get_encoding("gpt2")
+    max_len = context_length(model)
+    rendered = [render(item, enc, max_len) for item in items]
+    # longest items first: batches of similar lengths waste little compute on padding, and a batch
+    # too big for memory fails at once rather than at the end
+    order = sorted(range(len(items)), key=lambda i: -max(len(r) for r in rendered[i][0]))
+    sum_loss = torch.zeros(len(items), 4)
+    mean_loss = torch.zeros(len(items), 4)
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(order), batch_size), desc="hellaswag", disable=not progress):
+        batch = order[start:start + batch_size]
+        rows = [r for i in batch for r in rendered[i][0]]
+        masks = [m for i in batch for m in rendered[i][1]]
+        T = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)  # pad id 0: any real id, it is never scored
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for j, (r, m) in enumerate(zip(rows, masks)):
+            tokens[j, :len(r)] = torch.tensor(r)
+            mask[j, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        tokens, mask = tokens.to(device), mask.to(device)
+        with autocast:
+            logits = model_logits(model, tokens)  # (4B, T, V)
+        # position t predicts token t + 1; take only the predictions of ending tokens, so the
+        # float32 log-softmax runs over a few rows rather than the whole (4B, T, V) block
+        targets = mask[:, 1:]
+        losses = torch.zeros(targets.shape, device=logits.device)
+        losses[targets] = F.cross_entropy(logits[:, :-1][targets].float(), tokens[:, 1:][targets], reduction="none")
+        row_sum = losses.sum(dim=1).view(-1, 4).cpu()
+        row_count = targets.sum(dim=1).view(-1, 4).cpu()
+        sum_loss[batch] = row_sum
+        mean_loss[batch] = row_sum / row_count.clamp(min=1)
+    model.train(was_training)
+    return sum_loss, mean_loss
+
+
+def evaluate_counts(model, items, device, rank, world_size, autocast=nullcontext(), batch_size=8, progress=False):
+    """
+    Correct answers (acc and acc_norm) over all items: this rank scores items[rank::world_size]
+    and the counts are summed over ranks, so every rank returns the global numbers.
+    """
+    mine = items[rank::world_size]
+    sum_loss, mean_loss = score(model, mine, device, batch_size, autocast, progress)
+    labels = torch.tensor([item["label"] for item in mine], dtype=torch.long)
+    counts = torch.tensor([(sum_loss.argmin(dim=1) == labels).sum().item(),
+                           (mean_loss.argmin(dim=1) == labels).sum().item(), len(mine)],
+                          dtype=torch.long, device=device)
+    if world_size > 1:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # SUM: gloo has no AVG, and counts add up anyway
+    correct, correct_norm, total = counts.tolist()
+    return {"correct": correct, "correct_norm": correct_norm, "total": total}
+
+# ----------------------------------------------------------------------------------------------
+# Command line: evaluate a model, or time batched scoring
+
+
+def load_model(args, device):
+    """Our checkpoint (--checkpoint) or a Hugging Face causal LM (--model) on device, in eval mode."""
+    import train_gpt2
+    if args.checkpoint:
+        model = train_gpt2.model_from_checkpoint(args.checkpoint, device)
+    else:
+        from transformers import AutoModelForCausalLM
+        if args.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+            raise HellaSwagError(f"--model={args.model}: no such folder")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model)
+        except (OSError, ValueError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise HellaSwagError(f"--model={args.model}: could not load it ({first_line})") from None
+        if model.config.vocab_size < 50257:
+            raise HellaSwagError(f"--model={args.model}: vocab of {model.config.vocab_size} ids; HellaSwag "
+                                 f"is tokenized with GPT-2's 50257, so the model must use the GPT-2 tokenizer")
+        model.to(device)
+    return model.eval()
+
+
+def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
+    """items/s of one item per forward vs batch_size items per forward, for a random small GPT."""
+    from train_gpt2 import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=n_layer, n_head=n_embd // 32, n_embd=n_embd)).to(device)
+    score(model, items[:batch_size], device, batch_size)  # warm-up: allocator, kernels, tokenizer
+    times, preds = {1: [], batch_size: []}, {}
+    for _ in range(repeats):  # alternate the two, so that a busy spell on a shared machine hits both
+        for bs in times:
+            t0 = time.perf_counter()
+            sum_loss, mean_loss = score(model, items, device, bs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[bs].append(time.perf_counter() - t0)
+            preds[bs] = (sum_loss.argmin(dim=1), mean_loss.argmin(dim=1))
+    results = {bs: len(items) / min(t) for bs, t in times.items()}
+    same = all(torch.equal(a, b) for a, b in zip(preds[1], preds[batch_size]))
+    print(f"benchmark: GPT {n_layer} layers x {n_embd} dims on {device}, {len(items)} items, "
+          f"{torch.get_num_threads()} threads, best of {repeats}")
+    print(f"  one item per forward : {results[1]:.1f} items/s")
+    print(f"  {batch_size} items per forward: {results[batch_size]:.1f} items/s "
+          f"({results[batch_size] / results[1]:.2f}x) | same predictions: {same}")
+    return results, same
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="HellaSwag validation accuracy (completion style)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="Hugging Face model name or local dir: gpt2, ./hf_export")
+    source.add_argument("--checkpoint", help="one of our checkpoints: log/ckpt_019073.pt")
+    parser.add_argument("--data_path", help="a local hellaswag_val.jsonl (default: download once into hellaswag/)")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N items (0: all)")
+    parser.add_argument("--batch_size", type=int, default=8, help="items per forward (4 rows each)")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    parser.add_argument("--benchmark", action="store_true", help="time batched vs one item per forward")
+    parser.add_argument("--repeats", type=int, default=1, help="--benchmark: best of this many runs")
+    args = parser.parse_args(argv)
+    if not (args.model or args.checkpoint or args.benchmark):
+        parser.error("pass --model=NAME_OR_DIR, --checkpoint=PATH or --benchmark")
+    if args.batch_size < 1 or args.limit < 0:
+        parser.error("--batch_size must be >= 1 and --limit >= 0")
+
+    import train_gpt2
+    try:
+        items = load_items(args.data_path)
+        items = items[:args.limit] if args.limit else items
+        d = train_gpt2.setup_distributed(args.device)  # one process, or every rank under torchrun
+        if args.benchmark:
+            benchmark(items[:args.limit or 64], d.device, args.batch_size, repeats=args.repeats)
+            return 0
+        model = load_model(args, d.device)
+        autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
+                    if args.dtype == "bfloat16" else nullcontext())
+        t0 = time.perf_counter()
+        counts = evaluate_counts(model, items, d.device, d.rank, d.world_size, autocast, args.batch_size,
+                                 progress=d.master)
+    except (HellaSwagError, train_gpt2.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if d.master:
+        total = counts["total"]
+        print(f"{args.model or args.checkpoint}: acc {counts['correct'] / total:.4f} | acc_norm "
+              f"{counts['correct_norm'] / total:.4f} | count {total} | {time.perf_counter() - t0:.1f}s")
+    if d.world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
