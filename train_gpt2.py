@@ -509,30 +509,39 @@ class DataLoaderLite:
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed = shuffle, seed
         self.epoch, self.source, self.offset = 0, 0, 0
-        self._orders = {}
+        self._orders, self._perms = {}, {}
 
     def _order(self, epoch):
-        """(source order, per-source document permutations) of an epoch, derived from the seed."""
+        """The source order of an epoch: as given, or a permutation derived from (seed, epoch)."""
         if not self.shuffle:
-            return list(range(len(self.sources))), None
+            return list(range(len(self.sources)))
         if epoch not in self._orders:
-            self._orders = {}  # keep one epoch's permutations in memory
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.sources)).tolist()
-            perms = [rng.permutation(len(s.doc_bounds()) - 1) for s in self.sources]
-            self._orders[epoch] = (order, perms)
+            self._orders = {}  # keep one epoch's orders in memory
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.sources)).tolist()
         return self._orders[epoch]
+
+    def _doc_perm(self, epoch, i):
+        """Document order inside source i in an epoch; made when first read, as it scans the shard."""
+        if not self.shuffle:
+            return None
+        key = (epoch, i)
+        if key not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            n_docs = len(self.sources[i].doc_bounds()) - 1
+            self._perms[key] = np.random.default_rng([self.seed, epoch, i]).permutation(n_docs)
+        return self._perms[key]
 
     def _walk(self, pos, n, read):
         """Advances pos = (epoch, slot, offset) by n tokens; collects them when read is True."""
         epoch, slot, offset = pos
         pieces = []
         while n > 0:
-            order, perms = self._order(epoch)
-            src = self.sources[order[slot]]
+            i = self._order(epoch)[slot]
+            src = self.sources[i]
             take = min(n, len(src) - offset)
             if read and take > 0:
-                pieces.append(src.read(offset, take, perms[order[slot]] if perms else None))
+                pieces.append(src.read(offset, take, self._doc_perm(epoch, i)))
             offset, n = offset + take, n - take
             if offset == len(src):
                 epoch, slot, offset = (epoch + (slot + 1) // len(self.sources), (slot + 1) % len(self.sources), 0)
@@ -790,6 +799,8 @@ def train(cfg, explicit=None):
     autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
 
+    loader, val_sources = build_data(cfg, B, T, d.rank, d.world_size)  # bad --data fails before the model
+
     # model: raw_model holds the weights; model is what training calls (compiled, DDP-wrapped)
     if cfg.init_from == "scratch":
         raw_model = GPT(GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
@@ -812,7 +823,6 @@ def train(cfg, explicit=None):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                                d.device_type, zero1=cfg.zero1 and d.world_size > 1)
 
-    loader, val_sources = build_data(cfg, B, T, d.rank, d.world_size)
     os.makedirs(cfg.log_dir, exist_ok=True)
     log_path = os.path.join(cfg.log_dir, "log.txt")
     start_step, val_loss = 0, None
