@@ -841,7 +841,14 @@ def train(cfg, explicit=None):
     hellaswag_items = None
     if cfg.hellaswag:
         import hellaswag
-        hellaswag_items = hellaswag.load_items(cfg.hellaswag_path or None)
+        if d.world_size > 1 and not d.master:
+            dist.barrier()  # rank 0 downloads the file first, the others then read it
+        try:
+            hellaswag_items = hellaswag.load_items(cfg.hellaswag_path or None)
+        except hellaswag.HellaSwagError as e:
+            raise ConfigError(f"--hellaswag_path: {e}") from None
+        if d.world_size > 1 and d.master:
+            dist.barrier()
 
     flops_per_step = raw_model.flops_per_token() * cfg.total_batch_size
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
@@ -887,8 +894,8 @@ def train(cfg, explicit=None):
                 append_log(log_path, f"{step} val {val_loss:.4f}")
             if hellaswag_items is not None:
                 import hellaswag
-                counts = hellaswag.evaluate_counts(raw_model, hellaswag_items, d.device, d.rank,
-                                                   d.world_size, autocast=autocast)
+                counts = hellaswag.evaluate_counts(raw_model, hellaswag_items, d.device, d.rank, d.world_size,
+                                                   autocast=autocast, batch_size=max(1, B // 4))
                 acc_norm = counts["correct_norm"] / max(1, counts["total"])
                 print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
                 if d.master:

@@ -106,3 +106,25 @@ def test_bad_batch_sizes_and_missing_data_are_one_line_errors(tmp_path, shakespe
     assert "--total_batch_size=100 is not a multiple of" in err and "multiple of 128" in err
     rc = train_gpt2.main([f"--data={tmp_path}/nope.txt", f"--log_dir={tmp_path}", *TINY])
     assert rc == 2 and "nope.txt: no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    rc = train_gpt2.main([f"--data={shakespeare}", f"--log_dir={tmp_path}", *TINY, "--hellaswag",
+                          f"--hellaswag_path={bad}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --hellaswag_path:") and "bad.jsonl:1" in err
+
+
+def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shakespeare):
+    """compile is on for training; val loss, HellaSwag and sampling must keep working beside it."""
+    items = tmp_path / "hellaswag.jsonl"
+    with open(shared_file("hellaswag_val_500.jsonl")) as f:
+        items.write_text("".join(f.readlines()[:8]))
+    log_dir = tmp_path / "log"
+    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}", f"--log_dir={log_dir}",
+           "--max_steps=2", "--eval_interval=1", "--compile=true", "--hellaswag", f"--hellaswag_path={items}",
+           *TINY, "--dtype=bfloat16", "--block_size=128", "--total_batch_size=512"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("sample: ") == 2 and "hellaswag acc_norm" in out.stdout
+    hella = [l.split() for l in (log_dir / "log.txt").read_text().splitlines() if " hella " in l]
+    assert [h[0] for h in hella] == ["0", "1"] and all(0 <= float(h[2]) <= 1 for h in hella)
