@@ -85,18 +85,23 @@ def test_sigterm_finishes_the_step_and_checkpoints(reference, tmp_path):
     assert_identical(ref_dir, tmp_path)
 
 
-def test_nan_stops_with_message_and_keeps_last_good_checkpoint(reference, tmp_path, monkeypatch, capsys):
-    data, _ = reference
+def poison_training_loss(monkeypatch, when, value):
+    """Multiplies the training loss of the n-th forward call (1-based; grad accum 8 per step) by value."""
     forward, calls = train_gpt2.GPT.forward, []
 
     def poisoned(self, idx, targets=None, cache=None):
         logits, loss = forward(self, idx, targets, cache)
         if targets is not None and self.training:
             calls.append(1)
-            if len(calls) == 8 * 3 + 1:  # first micro-step of step 3 (grad accum 8)
-                loss = loss * float("nan")
+            if when(len(calls)):
+                loss = loss * value
         return logits, loss
     monkeypatch.setattr(train_gpt2.GPT, "forward", poisoned)
+
+
+def test_nan_stops_with_message_and_keeps_last_good_checkpoint(reference, tmp_path, monkeypatch, capsys):
+    data, _ = reference
+    poison_training_loss(monkeypatch, lambda call: call == 8 * 3 + 1, float("nan"))  # step 3's first micro-step
     rc = train_gpt2.main(args(data, tmp_path, ["--checkpoint_interval=2"]))
     err = capsys.readouterr().err
     assert rc == 1 and "step 3: non-finite loss nan" in err and "ckpt_000002.pt" in err
@@ -107,16 +112,7 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(reference, tmp_pa
 
 def test_skip_nonfinite_skips_the_step(reference, tmp_path, monkeypatch):
     data, _ = reference
-    forward, calls = train_gpt2.GPT.forward, []
-
-    def poisoned(self, idx, targets=None, cache=None):
-        logits, loss = forward(self, idx, targets, cache)
-        if targets is not None and self.training:
-            calls.append(1)
-            if len(calls) > 8 * 2:  # every step from step 2 on
-                loss = loss * float("inf")
-        return logits, loss
-    monkeypatch.setattr(train_gpt2.GPT, "forward", poisoned)
+    poison_training_loss(monkeypatch, lambda call: call > 8 * 2, float("inf"))  # every step from step 2 on
     assert train_gpt2.main(args(data, tmp_path, ["--skip_nonfinite", "--max_steps=4", "--checkpoint_interval=2"])) == 0
     at2, at4 = final_params(tmp_path, 2), final_params(tmp_path, 4)
     assert all(torch.equal(at2[k], at4[k]) for k in at2)  # skipped steps changed nothing
