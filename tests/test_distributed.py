@@ -53,6 +53,15 @@ def test_zero1_resumes_and_matches_plain_adamw(single_process, tmp_path):
     assert_same_run(single_dir, tmp_path, atol=1e-5)
 
 
+def test_resume_on_another_world_size_continues_the_same_run(single_process, tmp_path):
+    """Stopped on 2 ranks, resumed on 1: the data position is in tokens, so the run is the same."""
+    data, single_dir = single_process
+    run(args(data, tmp_path, ["--stop_step=3"]), nproc=2)
+    out = run(args(data, tmp_path, ["--resume"]))
+    assert "x 1 | grad accum 4" in out.stdout
+    assert_same_run(single_dir, tmp_path, atol=1e-5)
+
+
 def test_world_size_that_does_not_divide_the_batch(single_process, tmp_path):
     data, _ = single_process
     out = run(args(data, tmp_path, ["--total_batch_size=384"]), nproc=2, check=False)
