@@ -241,6 +241,73 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """
+    Mean cross-entropy of x @ weight.T against targets, weight's padded rows (>= vocab_size) left out,
+    without the (N, vocab) logits ever existing in full. On a small GPT the head and its loss are most
+    of a step, and the plain path writes and re-reads those logits in fp32 several times over.
+    Rows go through in chunks; the loss is the end of the graph, so each chunk's gradient
+    (softmax - onehot) is taken at once in the forward and backward only scales it: no recompute.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, chunk_rows):
+        device_type = x.device.type
+        # the matmuls run in the autocast dtype like any nn.Linear would; the softmax in fp32
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):
+            xd, w = x.to(dtype), weight[:vocab_size].to(dtype)  # (N, C), (V, C)
+            loss = torch.zeros((), device=x.device)
+            grad_x = []
+            grad_wt = torch.zeros(w.size(1), w.size(0), device=x.device)  # (C, V): x.T @ g beat g.T @ x here
+            for i in range(0, x.size(0), chunk_rows):
+                xc, yc = xd[i:i + chunk_rows], targets[i:i + chunk_rows]
+                logits = xc @ w.t()  # (rows, V)
+                target_logit = logits.gather(1, yc[:, None]).squeeze(1).float()
+                # one exp per logit: e = exp(logits - max) is kept as it is, and softmax's 1/sum
+                # goes onto the small operands of the two matmuls below instead of onto e
+                m = logits.amax(dim=-1).float()
+                e = logits.float().sub_(m[:, None]).exp_()
+                s = e.sum(dim=-1)
+                loss += (m + s.log() - target_logit).sum()  # logsumexp - target logit
+                g = e.to(dtype)
+                # (softmax - onehot) * s: the target's entry in fp32, not as a difference of rounded numbers
+                g[torch.arange(len(yc), device=x.device), yc] = (torch.exp(target_logit - m) - s).to(dtype)
+                inv_s = 1.0 / s
+                grad_x.append((g @ w).float() * inv_s[:, None])
+                grad_wt += (xc.float() * inv_s[:, None]).to(dtype).t().contiguous() @ g
+        ctx.save_for_backward(torch.cat(grad_x), grad_wt)
+        ctx.padded_vocab_size = weight.size(0)
+        return loss / x.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_wt = ctx.saved_tensors
+        scale = grad_loss / grad_x.size(0)  # the mean over rows
+        # transposed back and padded here, where compile fuses it with adding wte's own gradient
+        grad_w = F.pad(grad_wt.t() * scale, (0, 0, 0, ctx.padded_vocab_size - grad_wt.size(1)))
+        return grad_x * scale, grad_w, None, None, None
+
+
+def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_rows=None):
+    """F.cross_entropy(x @ weight[:vocab_size].T, targets) for x (..., C), targets (...), in chunks of rows."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    if chunk_rows is None and x.device.type == "cpu":
+        # a chunk's biggest temporary (the fp32 softmax eagerly; under compile, which fuses the
+        # softmax, the matmul's output) stays under 32 MiB, glibc's largest mmap threshold: bigger
+        # blocks come back as fresh pages on every call, each one zeroed by the kernel
+        itemsize = 2 if torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu") else 4
+        chunk_rows = 2 ** max(0, (2**25 // (vocab_size * itemsize)).bit_length() - 1)  # a power of two
+    chunk_rows = chunk_rows or 8192  # a GPU wants big matmuls; 8192 rows of bf16 logits are 0.8 GB
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows)
+    with torch.no_grad():  # evaluation: the same chunks, loss only
+        w = weight[:vocab_size]
+        loss = sum(F.cross_entropy((x[i:i + chunk_rows] @ w.t()).float(), targets[i:i + chunk_rows],
+                                   reduction="sum") for i in range(0, x.size(0), chunk_rows))
+        return loss / x.size(0)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -281,13 +348,14 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
+        if targets is not None:
+            # training and evaluation only need the loss: the head and the loss go through in chunks
+            # without the full logits (see ChunkedCrossEntropy), so none are returned
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
         # the padded vocab rows make the matmul fast; slicing them off means no padded id is
         # ever predicted, sampled or counted in the loss
         logits = self.lm_head(x)[..., :self.config.vocab_size]
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return logits, None
 
     # HF GPT-2 stores these as Conv1D, i.e. (in, out): they are transposed on the way in and out
     _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -367,7 +435,10 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= self.config.block_size:
                 if cache is None:
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.transformer.wte.weight.dtype)
+                    dtype = self.transformer.wte.weight.dtype
+                    if torch.is_autocast_enabled(idx.device.type):  # k, v come in its dtype: store them so
+                        dtype = torch.get_autocast_dtype(idx.device.type)
+                    cache = KVCache(self.config, idx.size(0), idx.device, dtype)
                 logits, _ = self(idx[:, fed:], cache=cache)
                 fed = idx.size(1)
             else:  # no cache, or the context outgrew block_size: recompute the cropped window
