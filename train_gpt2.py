@@ -87,8 +87,9 @@ PRESETS = {
     # a 4-layer GPT on tiny shakespeare that trains on a laptop CPU in about 5 minutes
     "shakespeare": dict(
         data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
-        total_batch_size=4096, max_lr=3e-3, warmup_steps=20, max_steps=600, eval_interval=100,
-        checkpoint_interval=200, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
+        total_batch_size=4096, max_lr=3e-3, warmup_steps=20, max_steps=300, eval_interval=50,
+        checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
+        compile=True,  # on a CPU too: ~1.6x faster steps after a ~30 s compile
     ),
 }
 
