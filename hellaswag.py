@@ -111,10 +111,14 @@ def context_length(model):
     raise ValueError(f"{type(model).__name__}: no block_size / n_positions in its config")
 
 
-def model_logits(model, idx):
-    out = model(idx)
-    # our GPT returns (logits, loss) with the padded vocab rows already cut; Hugging Face an output object
-    return out[0] if isinstance(out, tuple) else out.logits
+def logits_at(model, idx, select):
+    """
+    Logits (n, vocab) at the positions where select (B, T) is True. Only the ending tokens are
+    scored, so the 50k-wide head runs on those few rows instead of on all B*T positions.
+    """
+    if hasattr(model, "hidden_states"):  # our GPT; its padded vocab rows are cut off
+        return model.lm_head(model.hidden_states(idx)[select])[:, :model.config.vocab_size]
+    return model.lm_head(model.transformer(idx).last_hidden_state[select])  # Hugging Face GPT2LMHeadModel
 
 
 def render(item, enc, max_len):
@@ -162,13 +166,14 @@ def score(model, items, device, batch_size=8, autocast=nullcontext(), progress=F
             tokens[j, :len(r)] = torch.tensor(r)
             mask[j, :len(m)] = torch.tensor(m, dtype=torch.bool)
         tokens, mask = tokens.to(device), mask.to(device)
-        with autocast:
-            logits = model_logits(model, tokens)  # (4B, T, V)
-        # position t predicts token t + 1; take only the predictions of ending tokens, so the
-        # float32 log-softmax runs over a few rows rather than the whole (4B, T, V) block
+        # position t predicts token t + 1: the predictions of ending tokens sit one to their left
         targets = mask[:, 1:]
+        select = torch.zeros_like(mask)
+        select[:, :-1] = targets
+        with autocast:
+            logits = logits_at(model, tokens, select)  # (ending tokens, V)
         losses = torch.zeros(targets.shape, device=logits.device)
-        losses[targets] = F.cross_entropy(logits[:, :-1][targets].float(), tokens[:, 1:][targets], reduction="none")
+        losses[targets] = F.cross_entropy(logits.float(), tokens[:, 1:][targets], reduction="none")
         row_sum = losses.sum(dim=1).view(-1, 4).cpu()
         row_count = targets.sum(dim=1).view(-1, 4).cpu()
         sum_loss[batch] = row_sum

@@ -338,6 +338,18 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy if targets."""
+        x = self.hidden_states(idx, cache)
+        if targets is not None:
+            # training and evaluation only need the loss: the head and the loss go through in chunks
+            # without the full logits (see ChunkedCrossEntropy), so none are returned
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
+        # the padded vocab rows make the matmul fast; slicing them off means no padded id is
+        # ever predicted, sampled or counted in the loss
+        logits = self.lm_head(x)[..., :self.config.vocab_size]
+        return logits, None
+
+    def hidden_states(self, idx, cache=None):
+        """The final LayerNorm's output (B, T, C): what the head reads (HellaSwag heads only a few rows)."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -348,15 +360,7 @@ class GPT(nn.Module):
             x = block(x, cache)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
-        if targets is not None:
-            # training and evaluation only need the loss: the head and the loss go through in chunks
-            # without the full logits (see ChunkedCrossEntropy), so none are returned
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
-        # the padded vocab rows make the matmul fast; slicing them off means no padded id is
-        # ever predicted, sampled or counted in the loss
-        logits = self.lm_head(x)[..., :self.config.vocab_size]
-        return logits, None
+        return self.transformer.ln_f(x)
 
     # HF GPT-2 stores these as Conv1D, i.e. (in, out): they are transposed on the way in and out
     _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
