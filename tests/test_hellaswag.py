@@ -72,25 +72,26 @@ def test_score_is_cross_entropy_of_the_ending(hf_dir):
             torch.testing.assert_close(mean_loss[i, j], nll / len(end), atol=1e-4, rtol=1e-5)
 
 
+def assert_same_scores(got, expected, atol, rtol):
+    """(sum, mean) losses close, and the same predicted ending for acc and acc_norm."""
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=atol, rtol=rtol)
+        assert torch.equal(g.argmin(1), e.argmin(1))
+
+
 def test_ours_and_hugging_face_agree(hf_dir, ours, items):
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(hf_dir)
     hf_sum, hf_mean = hellaswag.score(hf, items, "cpu", batch_size=4)
     our_sum, our_mean = hellaswag.score(ours, items, "cpu", batch_size=4)
-    torch.testing.assert_close(our_sum, hf_sum, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(our_mean, hf_mean, atol=1e-4, rtol=1e-5)
-    assert torch.equal(our_sum.argmin(1), hf_sum.argmin(1))
-    assert torch.equal(our_mean.argmin(1), hf_mean.argmin(1))
+    assert_same_scores((our_sum, our_mean), (hf_sum, hf_mean), atol=1e-4, rtol=1e-5)
 
 
 def test_batched_equals_one_at_a_time(ours, items):
     one_sum, one_mean = hellaswag.score(ours, items, "cpu", batch_size=1)
     # 3 does not divide the item count: a ragged last batch, and batches mixing long and short items
     many_sum, many_mean = hellaswag.score(ours, items, "cpu", batch_size=3)
-    torch.testing.assert_close(many_sum, one_sum, atol=1e-5, rtol=1e-6)
-    torch.testing.assert_close(many_mean, one_mean, atol=1e-5, rtol=1e-6)
-    assert torch.equal(many_sum.argmin(1), one_sum.argmin(1))
-    assert torch.equal(many_mean.argmin(1), one_mean.argmin(1))
+    assert_same_scores((many_sum, many_mean), (one_sum, one_mean), atol=1e-5, rtol=1e-6)
 
 
 def test_benchmark_compares_like_with_like():
