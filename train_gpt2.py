@@ -1048,6 +1048,9 @@ def train(cfg, explicit=None):
         summary["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print0("done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
     if d.world_size > 1:
+        # leave together: a rank that tears gloo down while rank 0 still writes the checkpoint
+        # can abort ("terminate called without an active exception") and fail the whole job
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
