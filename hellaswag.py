@@ -115,31 +115,12 @@ def ending_losses(model, idx, select, targets):
     Cross-entropy (n,) of the n next tokens targets predicted at the positions where select (B, T)
     is True. Only those rows go through the 50k-wide head.
     """
+    from train_gpt2 import token_losses
     if hasattr(model, "hidden_states"):  # our GPT; its padded vocab rows are cut off the logits
         h, vocab_size = model.hidden_states(idx)[select], model.config.vocab_size
     else:  # Hugging Face GPT2LMHeadModel
         h, vocab_size = model.transformer(idx).last_hidden_state[select], model.lm_head.out_features
-    return head_losses(model.lm_head, h, targets, vocab_size)
-
-
-def head_losses(lm_head, h, targets, vocab_size, chunk_rows=None):
-    """
-    Cross-entropy (n,) of lm_head(h) (n, V) against targets (n,), chunk_rows rows at a time: on a
-    CPU a chunk's logits (128 x 50304 fp32, 26 MB) stay in the last-level cache while logsumexp
-    reads them, and no full log-softmax is written out. logsumexp(logits) - the target's logit.
-    """
-    chunk_rows = chunk_rows or (128 if h.device.type == "cpu" else 4096)  # a GPU wants big matmuls
-    losses = []
-    for i in range(0, h.size(0), chunk_rows):
-        # the head over all rows of the weight, padded ones included: a width that is a multiple
-        # of 64 makes the matmul faster than a sliced weight, and the slice here is free
-        logits = lm_head(h[i:i + chunk_rows])[:, :vocab_size].float()
-        target_logit = logits.gather(1, targets[i:i + chunk_rows, None]).squeeze(1)
-        # logsumexp in place on this chunk's own logits: no temporary as big as they are
-        m = logits.amax(dim=1)
-        lse = logits.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m)
-        losses.append(lse - target_logit)
-    return torch.cat(losses) if losses else h.new_zeros(0)
+    return token_losses(h, model.lm_head.weight, targets, vocab_size)
 
 
 def render(item, enc, max_len):
@@ -247,7 +228,7 @@ def load_model(args, device):
 def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
     """items/s of one item per forward vs batch_size items per forward, for a random small GPT."""
     import tiktoken
-    from train_gpt2 import GPT, GPTConfig
+    from train_gpt2 import GPT, GPTConfig, token_losses
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_embd // 32, n_embd=n_embd)).to(device)
     score(model, items[:batch_size], device, batch_size)  # warm-up: allocator, kernels, tokenizer
@@ -265,9 +246,8 @@ def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
         # what no batching can share: every ending token's own row of the 50k-wide head and its
         # logsumexp, timed alone on as many rows as the items have ending tokens
         t0 = time.perf_counter()
-        with torch.no_grad():
-            head_losses(model.lm_head, torch.randn(n_rows, n_embd, device=device),
-                        torch.randint(0, model.config.vocab_size, (n_rows,), device=device), model.config.vocab_size)
+        token_losses(torch.randn(n_rows, n_embd, device=device), model.lm_head.weight,
+                     torch.randint(0, model.config.vocab_size, (n_rows,), device=device), model.config.vocab_size)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         head_times.append(time.perf_counter() - t0)

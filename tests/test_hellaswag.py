@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import hellaswag
 from conftest import SHARED_DATA, shared_file
-from train_gpt2 import GPT, get_tokenizer
+from train_gpt2 import GPT, get_tokenizer, token_losses
 
 HAND_MADE = [
     {"ctx": "The cat sat on the", "endings": ["mat.", "moon, singing loudly to the stars.", "dog", "a"], "label": 0},
@@ -73,13 +73,13 @@ def test_score_is_cross_entropy_of_the_ending(hf_dir):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_head_losses_in_chunks_are_cross_entropy(ours, dtype):
+def test_token_losses_in_chunks_are_cross_entropy(ours, dtype):
     """Chunks of 3 rows (a ragged last one) and the in-place logsumexp give F.cross_entropy over the
     real vocab: the padded ids of our 50304-wide head never enter the softmax."""
     torch.manual_seed(0)
     h, targets = torch.randn(10, ours.config.n_embd), torch.randint(0, ours.config.vocab_size, (10,))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        got = hellaswag.head_losses(ours.lm_head, h, targets, ours.config.vocab_size, chunk_rows=3)
+        got = token_losses(h, ours.lm_head.weight, targets, ours.config.vocab_size, chunk_rows=3)
         logits = ours.lm_head(h)
     assert ours.lm_head.out_features > ours.config.vocab_size
     expected = F.cross_entropy(logits[:, :ours.config.vocab_size].float(), targets, reduction="none")
