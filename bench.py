@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from train_gpt2 import GPT, GPTConfig, measure_peak_flops
+from train_gpt2 import GPT, GPTConfig, measure_peak_flops, reuse_freed_memory
 
 # ----------------------------------------------------------------------------------------------
 # The ladder: each rung is the one above plus one change
@@ -409,6 +409,8 @@ def main(argv=None, log=print):
             p.error("--device=cuda but no CUDA GPU is visible; use --device=cpu")
         torch.cuda.set_device(device)  # synchronize() and the memory stats below mean this GPU
     rungs = select_rungs(p, args, device_type)
+    # as train_gpt2.py does on a CPU; process-wide, so every rung, Hugging Face's too, runs with it
+    malloc_tuned = device_type == "cpu" and reuse_freed_memory()
 
     # one set of initial weights for every rung and the sampler, in Hugging Face layout
     torch.manual_seed(args.seed)
@@ -416,7 +418,7 @@ def main(argv=None, log=print):
     hf_weights = reference.hf_state_dict()
     flops_per_token = reference.flops_per_token()
     name = (torch.cuda.get_device_name(device) if device_type == "cuda"
-            else f"cpu, {torch.get_num_threads()} threads")
+            else f"cpu, {torch.get_num_threads()} threads" + (", malloc keeps freed memory" if malloc_tuned else ""))
     report = {"device": name, "device_type": device_type, "torch": torch.__version__,
               "config": {k: v for k, v in vars(args).items() if k not in ("json", "quick")},
               "flops_per_token": flops_per_token, "runs": []}

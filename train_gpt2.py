@@ -10,6 +10,7 @@ Every field of TrainConfig below is a flag: --name=value (python train_gpt2.py -
 Importing this file runs nothing: `from train_gpt2 import GPT, GPTConfig`.
 """
 
+import ctypes
 import dataclasses
 import glob
 import inspect
@@ -834,6 +835,24 @@ def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
+def reuse_freed_memory():
+    """
+    Have glibc's malloc keep freed blocks of up to 32 MiB in the process for the next step instead of
+    handing them back to the kernel. A CPU step frees and reallocates the same tens of MB every time
+    (the head's chunk buffers, wte's gradient), and pages that were given back come back zeroed, one
+    page fault per 4 KiB: on the 4-layer bench model that was ~180 MB of faults a step, and the step ran ~7% faster without them.
+    Setting any threshold turns off glibc's self-tuning of both, so both are set. Returns whether
+    they took; False (nothing changed) where the C library is not glibc.
+    """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # 32 MiB is the largest mmap threshold glibc accepts; 1 GiB of free heap before it trims
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 25)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def append_log(path, line):
     with open(path, "a") as f:
         f.write(line + "\n")
@@ -888,6 +907,8 @@ def train(cfg, explicit=None):
     if d.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x fp32 on A100/H100
         torch.backends.cudnn.allow_tf32 = True
+    elif d.device_type == "cpu":
+        reuse_freed_memory()  # fewer page faults: ~7% off a small model's CPU step
     autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
 
