@@ -103,19 +103,21 @@ def main(argv):
     args = parser.parse_args(argv)
 
     import train_gpt2
+    skip_tokenizer = args.tokenizer.lower() == "none"
     try:
+        train_gpt2.check_writable(args.out, "--out")
         if args.checkpoint:
             model = train_gpt2.model_from_checkpoint(args.checkpoint)
         else:
             model = train_gpt2.GPT.from_pretrained(args.model)
+        tokenizer = None if skip_tokenizer else load_tokenizer(args.tokenizer)
+        if tokenizer is None and not skip_tokenizer and args.tokenizer != "gpt2":  # asked for by name: must load
+            raise train_gpt2.ConfigError(f"--tokenizer={args.tokenizer}: could not load a GPT-2 tokenizer from it; "
+                                         f"pass a folder with tokenizer.json (or vocab.json + merges.txt), or none")
     except train_gpt2.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # transformers: no such model name or dir
-        print(f"error: --model={args.model}: could not load it ({str(e).strip().splitlines()[0]})", file=sys.stderr)
-        return 2
-    skip_tokenizer = args.tokenizer.lower() == "none"
-    tokenizer = export_hf(model, args.out, None if skip_tokenizer else args.tokenizer)
+    export_hf(model, args.out, tokenizer)
     print(f"wrote {args.out}: {', '.join(sorted(os.listdir(args.out)))}")
     if tokenizer is None:
         why = "--tokenizer=none" if skip_tokenizer else f"could not load {args.tokenizer!r}, offline?"

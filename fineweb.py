@@ -336,6 +336,34 @@ def open_manifest(out, params):
     return manifest
 
 
+def verify_shards(out, names, sha256=False):
+    """
+    For train_gpt2.py: the shard files `names` found in out are those its manifest.json lists, whole (at
+    their recorded sizes) and, with sha256=True, unchanged. No manifest: nothing to check, unless sha256.
+    """
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        if sha256:
+            raise DataError(f"--verify_shards: {out} has no manifest.json (fineweb.py writes one) to check against")
+        return
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        listed = {s["file"]: s for s in manifest["shards"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is unreadable ({e}); delete {out} and rerun fineweb.py") from None
+    if not manifest.get("complete"):
+        raise DataError(f"{path}: fineweb.py has not finished {out}; rerun the same fineweb.py command to finish it")
+    for name in sorted(set(names) | set(listed)):
+        file = os.path.join(out, name)
+        why = ("is not listed in manifest.json" if name not in listed else "is missing" if name not in names
+               else "is not the size manifest.json records" if os.path.getsize(file) != listed[name]["bytes"]
+               else "differs from manifest.json's sha256" if sha256 and file_sha256(file) != listed[name]["sha256"]
+               else None)
+        if why:
+            raise DataError(f"shard {file} {why}; delete {out} and rerun fineweb.py (same flags) to rebuild it")
+
+
 def write_shards(docs_from, out, params, shard_size=SHARD_SIZE, workers=1, max_tokens=None,
                  stop_after=None, chunk_docs=256, progress=True, prefix="edufineweb"):
     """
@@ -344,14 +372,21 @@ def write_shards(docs_from, out, params, shard_size=SHARD_SIZE, workers=1, max_t
     stop_after: stop once out holds this many shards, as an interruption would. Returns the manifest.
     """
     from tqdm import tqdm
-    os.makedirs(out, exist_ok=True)
+    try:  # a probe file, not os.access: root ignores permission bits, not read-only mounts or chattr +i
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, f".probe.{os.getpid()}"), "w").close()
+        os.remove(os.path.join(out, f".probe.{os.getpid()}"))
+    except OSError as e:
+        why = "it is a file" if os.path.isfile(out) else e.strerror
+        raise DataError(f"--out {out}: cannot write there ({why}); choose a writable folder") from None
     manifest = open_manifest(out, params)
     shards = manifest["shards"]
     if manifest["complete"]:
         print(f"{out}: complete already ({len(shards)} shards, {sum(s['tokens'] for s in shards):,} tokens)")
         return manifest
-    for stale in glob.glob(os.path.join(out, "*.tmp")):  # what a killed run was writing
-        os.remove(stale)
+    for stale in (shard_name(prefix, len(shards)), "manifest.json"):  # what a killed run was writing; no other file
+        if os.path.exists(os.path.join(out, stale + ".tmp")):
+            os.remove(os.path.join(out, stale + ".tmp"))
     # where the stream continues: document `doc`, token `offset` of its tokens (<|endoftext|> is token 0)
     doc, offset = shards[-1]["end"] if shards else (0, 0)
     total = sum(s["tokens"] for s in shards)
@@ -498,6 +533,8 @@ def parse_args(argv):
     for name in ("shard_size", "workers", "chunk_docs", "repeat", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if not args.prefix or "/" in args.prefix or os.sep in args.prefix:
+        p.error(f"--prefix {args.prefix!r}: a file name prefix, without a path separator (shards go in --out)")
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error("--max_tokens must be >= 1")
     if args.benchmark and not args.files:

@@ -67,6 +67,8 @@ def parse_item(line):
         raw = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:  # load_items hands over bytes
+        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     if not isinstance(raw, dict) or not all(k in raw for k in ("ctx", "endings", "label")):
         raise ValueError("expected a JSON object with keys ctx, endings, label")
     ctx, endings, label = raw["ctx"], raw["endings"], raw["label"]
@@ -85,7 +87,7 @@ def load_items(path=None, cache_dir=CACHE_DIR):
     elif not os.path.isfile(path):
         raise HellaSwagError(f"HellaSwag file {path}: no such file")
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error naming it, not a traceback
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,7 @@ class TrainConfig:
     zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
+    verify_shards: bool = False  # check every shard's sha256 against fineweb.py's manifest.json at start-up
     seed: int = 1337
 
 
@@ -141,6 +143,28 @@ def parse_args(argv):
         values.update(PRESETS[flags["preset"]])
     values.update(flags)
     return TrainConfig(**values)
+
+
+def validate_config(cfg):
+    """Every flag checked before anything is built or read: a bad one is a ConfigError naming it and the fix."""
+    positive = {"n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size", "max_steps",
+                "val_tokens", "max_lr"}  # every other number: finite and >= 0
+    for name, typ in typing.get_type_hints(TrainConfig).items():
+        v = getattr(cfg, name)
+        if typ in (int, float) and not (math.isfinite(v) and (v > 0 if name in positive else v >= 0)):
+            raise ConfigError(f"--{name}={v}: must be a finite number {'>' if name in positive else '>='} 0")
+    if cfg.min_lr_ratio > 1 or max(cfg.beta1, cfg.beta2) >= 1:
+        raise ConfigError(f"--min_lr_ratio={cfg.min_lr_ratio} must be <= 1, --beta1={cfg.beta1} and "
+                          f"--beta2={cfg.beta2} < 1")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one of them")
+    if cfg.dtype not in ("bfloat16", "float32"):
+        raise ConfigError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
+    if re.fullmatch(r"(openai-community/)?gpt2(-medium|-large|-xl)?", cfg.init_from) and cfg.block_size > 1024:
+        raise ConfigError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s 1024; pass --block_size=1024")
+    if cfg.data.endswith(".npy"):
+        raise ConfigError(f"--data={cfg.data} is one shard; pass its folder: --data={os.path.dirname(cfg.data) or '.'}")
+    check_writable(cfg.log_dir, "--log_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +410,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path):
         """OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 dir."""
         from transformers import GPT2LMHeadModel
-        hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except OSError as e:  # offline, or no such name or folder
+            raise ConfigError(f"{name_or_path}: could not load it ({str(e).strip().splitlines()[0]})") from None
         c = hf.config
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.scale_attn_by_inverse_layer_idx:
             raise ConfigError(f"{name_or_path}: only standard GPT-2 checkpoints load (tanh GELU, plain attention)")
@@ -497,11 +524,12 @@ def load_text_tokens(path, val_fraction=0.1):
         if os.path.basename(path) != "input.txt":
             raise ConfigError(f"--data={path}: no such file or folder")
         download_shakespeare(path)
-    with open(path, encoding="utf-8") as f:
-        tokens = np.array(get_tokenizer().encode_ordinary(f.read()), dtype=np.uint16)
-    n_val = int(len(tokens) * val_fraction)
-    if len(tokens) - n_val < 2 or n_val < 2:
-        raise ConfigError(f"--data={path}: {len(tokens)} tokens is too little text to train and validate on")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = np.array(get_tokenizer().encode_ordinary(f.read()), dtype=np.uint16)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--data={path}: not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    n_val = max(1, int(len(tokens) * val_fraction))  # build_data checks both splits against one batch
     return tokens[:-n_val], tokens[-n_val:]
 
 
@@ -520,28 +548,30 @@ def download_shakespeare(path):
     os.replace(tmp, path)
 
 
-def load_shard(path, vocab_size=50257):
-    """A shard memory-mapped, checked: a 1-D uint16 .npy whose ids are all below vocab_size."""
+def load_shard(path, vocab_size=50257, ids=True):
+    """A shard memory-mapped, checked: 1-D uint16, the size its header says (no token read), ids < vocab_size."""
+    fix = "rebuild the folder with fineweb.py (delete it, rerun the same command)"
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # truncated file, not a .npy, ...
-        raise ConfigError(f"shard {path} is unreadable ({e}); delete it and rerun fineweb.py") from None
+    except Exception as e:  # shorter than its header says (the mmap fails), not a .npy, ...
+        raise ConfigError(f"shard {path} is unreadable or truncated ({e}); {fix}") from None
     if arr.dtype != np.uint16 or arr.ndim != 1:
-        raise ConfigError(f"shard {path} holds {arr.dtype} {arr.shape}, not a 1-D uint16 token array; "
-                          f"rebuild it with fineweb.py")
-    if len(arr) == 0 or int(arr.max()) >= vocab_size:
-        raise ConfigError(f"shard {path} is empty or holds token ids >= {vocab_size}; rebuild it with fineweb.py")
+        raise ConfigError(f"shard {path} holds {arr.dtype} {arr.shape}, not a 1-D uint16 token array; {fix}")
+    if len(arr) == 0 or arr.offset + arr.nbytes != os.path.getsize(path):
+        raise ConfigError(f"shard {path} is empty or longer than its header says; {fix}")
+    if ids and int(arr.max()) >= vocab_size:
+        raise ConfigError(f"shard {path} holds token ids >= {vocab_size}; {fix}")
     return arr
 
 
 def find_shards(folder):
-    """(train shard paths, val shard paths) of a fineweb.py output folder."""
+    """(train shard paths, val shard paths) of a fineweb.py output folder, told apart by the exact name pattern."""
     hint = "create it with: python fineweb.py (or pass --data=input.txt)"
     if not os.path.isdir(folder):
         raise ConfigError(f"--data={folder}: no such shard folder; {hint}")
-    paths = sorted(glob.glob(os.path.join(folder, "*.npy")))
-    train = [p for p in paths if "train" in os.path.basename(p)]
-    val = [p for p in paths if "val" in os.path.basename(p)]
+    # fineweb.py's names, PREFIX_val_000000.npy and PREFIX_train_000001.npy: a prefix may contain "val" too
+    found = [m for m in (re.fullmatch(r"(.+)_(train|val)_\d+\.npy", n) for n in sorted(os.listdir(folder))) if m]
+    train, val = ([os.path.join(folder, m[0]) for m in found if m[2] == split] for split in ("train", "val"))
     if not train or not val:
         raise ConfigError(f"--data={folder}: needs *train*.npy and *val*.npy shards, found "
                           f"{len(train)} and {len(val)}; {hint}")
@@ -551,8 +581,8 @@ def find_shards(folder):
 class Source:
     """A token array split into documents at each <|endoftext|>, readable in a permuted order."""
 
-    def __init__(self, load):
-        self._load, self._arr, self._starts = load, None, None
+    def __init__(self, load, length=None):
+        self._load, self._arr, self._starts, self._len = load, None, None, length
 
     @property
     def arr(self):
@@ -561,7 +591,7 @@ class Source:
         return self._arr
 
     def __len__(self):
-        return len(self.arr)
+        return self._len if self._len is not None else len(self.arr)
 
     def doc_bounds(self):
         if self._starts is None:
@@ -651,9 +681,12 @@ class DataLoaderLite:
 
     def state_dict(self):
         return {"epoch": self.epoch, "source": self.source, "offset": self.offset,
-                "shuffle": self.shuffle, "seed": self.seed}
+                "shuffle": self.shuffle, "seed": self.seed, "sources": len(self.sources)}
 
     def load_state_dict(self, state):
+        if state.get("sources", len(self.sources)) != len(self.sources) or state["source"] >= len(self.sources):
+            raise ConfigError(f"the checkpoint read {state.get('sources', 'more')} train shards/files, --data now "
+                              f"has {len(self.sources)}; resume with the --data it was trained on")
         if state["shuffle"] != self.shuffle or state["seed"] != self.seed:
             raise ConfigError(f"--shuffle/--seed differ from the checkpoint's ({state['shuffle']}, "
                               f"{state['seed']}): resume with the same ones to continue the same data order")
@@ -665,20 +698,30 @@ def val_windows(sources, B, T, val_tokens):
     total = sum(len(s) for s in sources)
     n = min(val_tokens, total - 1) // (B * T)
     if n == 0:
-        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than "
-                          f"one batch of --batch_size*--block_size={B * T} tokens; lower --batch_size")
+        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than one batch of "
+                          f"--batch_size*--block_size={B * T} tokens; raise --val_tokens or lower --batch_size")
     return n
 
 
 def build_data(cfg, B, T, rank, world_size):
     """(train loader, val sources) for --data: a text file or a fineweb.py shard folder."""
     if os.path.isdir(cfg.data) or not os.path.splitext(cfg.data)[1]:
-        train_paths, val_paths = find_shards(cfg.data)
-        train = [Source(lambda p=p: load_shard(p)) for p in train_paths]
-        val = [Source(lambda p=p: load_shard(p)) for p in val_paths]
+        import fineweb
+        paths = find_shards(cfg.data)
+        # each shard's header and size, and the manifest, now; its ids (a full read) when it is first read
+        train, val = ([Source(lambda p=p: load_shard(p), len(load_shard(p, ids=False))) for p in ps] for ps in paths)
+        try:
+            fineweb.verify_shards(cfg.data, [os.path.basename(p) for p in sum(paths, [])], cfg.verify_shards)
+        except fineweb.DataError as e:
+            raise ConfigError(str(e)) from None
     else:
         tr, va = load_text_tokens(cfg.data)
         train, val = [Source(lambda: tr)], [Source(lambda: va)]
+    if sum(len(s) for s in train) <= B * T:
+        raise ConfigError(f"--data={cfg.data}: its train split is smaller than one batch of --batch_size*--block_size"
+                          f"={B * T} tokens; lower --batch_size or add data")
+    if cfg.eval_interval > 0:
+        val_windows(val, B, T, cfg.val_tokens)  # now, not at the first eval
     loader = DataLoaderLite(train, B, T, rank, world_size, shuffle=cfg.shuffle, seed=cfg.seed)
     return loader, val
 
@@ -739,9 +782,13 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"checkpoint {path} could not be read ({e.__class__.__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
+        raise ConfigError(f"{path} is not a train_gpt2.py checkpoint (no model and model_config in it); "
+                          f"pass a ckpt_*.pt from a --log_dir")
+    return ckpt
 
 
 def model_from_checkpoint(path, device="cpu"):
@@ -805,8 +852,8 @@ def setup_distributed(device="auto", backend="auto"):
     device_type = device.split(":")[0]
     if device_type not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device=cuda but no CUDA GPU is visible; use --device=cpu")
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]:
+        raise ConfigError(f"--device={device}: no {device_type.upper()} device is available here; use --device=cpu")
     if "RANK" not in os.environ:
         return DistInfo(0, 0, 1, device, device_type, True)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -854,6 +901,17 @@ def reuse_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 25)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def check_writable(folder, flag):
+    """Makes folder and writes a probe file in it (root passes os.access, not a read-only mount or chattr +i)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".probe.{os.getpid()}"), "w").close()
+        os.remove(os.path.join(folder, f".probe.{os.getpid()}"))
+    except OSError as e:
+        why = "it is a file" if os.path.isfile(folder) else e.strerror
+        raise ConfigError(f"{flag}={folder}: cannot write there ({why}); choose a writable folder") from None
+
+
 def append_log(path, line):
     with open(path, "a") as f:
         f.write(line + "\n")
@@ -889,8 +947,7 @@ def train(cfg, explicit=None):
     ckpt = None
     if cfg.resume:
         ckpt, cfg = resolve_resume(cfg, explicit if explicit is not None else {})
-    if cfg.dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
+    validate_config(cfg)
     d = setup_distributed(cfg.device, cfg.backend)
     print0 = print if d.master else (lambda *a, **k: None)
     B, T = cfg.batch_size, cfg.block_size
@@ -899,8 +956,6 @@ def train(cfg, explicit=None):
                           f"--block_size * world size = {B}*{T}*{d.world_size}; make it a multiple of "
                           f"{B * T * d.world_size}")
     grad_accum = cfg.total_batch_size // (B * T * d.world_size)
-    if cfg.max_steps < 1 or cfg.warmup_steps < 0:
-        raise ConfigError("--max_steps must be >= 1 and --warmup_steps >= 0")
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -937,7 +992,6 @@ def train(cfg, explicit=None):
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                                d.device_type, zero1=cfg.zero1 and d.world_size > 1)
 
-    os.makedirs(cfg.log_dir, exist_ok=True)
     log_path = os.path.join(cfg.log_dir, "log.txt")
     start_step, val_loss = 0, None
     if ckpt is not None:
