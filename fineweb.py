@@ -336,24 +336,25 @@ def open_manifest(out, params):
     return manifest
 
 
-def verify_shards(out, names, sha256=False):
+def verify_shards(out, names, sha256=False, error=DataError):
     """
     For train_gpt2.py: the shard files `names` found in out are those its manifest.json lists, whole (at
     their recorded sizes) and, with sha256=True, unchanged. No manifest: nothing to check, unless sha256.
+    A failure raises `error` (train_gpt2.py passes its ConfigError).
     """
     path = os.path.join(out, "manifest.json")
     if not os.path.exists(path):
         if sha256:
-            raise DataError(f"--verify_shards: {out} has no manifest.json (fineweb.py writes one) to check against")
+            raise error(f"--verify_shards: {out} has no manifest.json (fineweb.py writes one) to check against")
         return
     try:
         with open(path) as f:
             manifest = json.load(f)
         listed = {s["file"]: s for s in manifest["shards"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is unreadable ({e}); delete {out} and rerun fineweb.py") from None
+        raise error(f"{path} is unreadable ({e}); delete {out} and rerun fineweb.py") from None
     if not manifest.get("complete"):
-        raise DataError(f"{path}: fineweb.py has not finished {out}; rerun the same fineweb.py command to finish it")
+        raise error(f"{path}: fineweb.py has not finished {out}; rerun the same fineweb.py command to finish it")
     for name in sorted(set(names) | set(listed)):
         file = os.path.join(out, name)
         why = ("is not listed in manifest.json" if name not in listed else "is missing" if name not in names
@@ -361,7 +362,7 @@ def verify_shards(out, names, sha256=False):
                else "differs from manifest.json's sha256" if sha256 and file_sha256(file) != listed[name]["sha256"]
                else None)
         if why:
-            raise DataError(f"shard {file} {why}; delete {out} and rerun fineweb.py (same flags) to rebuild it")
+            raise error(f"shard {file} {why}; delete {out} and rerun fineweb.py (same flags) to rebuild it")
 
 
 def write_shards(docs_from, out, params, shard_size=SHARD_SIZE, workers=1, max_tokens=None,

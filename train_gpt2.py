@@ -146,22 +146,23 @@ def parse_args(argv):
 
 
 def validate_config(cfg):
-    """Every flag checked before anything is built or read: a bad one is a ConfigError naming it and the fix."""
+    """Every flag checked before anything is built or read: numbers finite and > 0 (these) or >= 0 (the rest)."""
     positive = {"n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size", "max_steps",
-                "val_tokens", "max_lr"}  # every other number: finite and >= 0
+                "val_tokens", "max_lr"}
     for name, typ in typing.get_type_hints(TrainConfig).items():
         v = getattr(cfg, name)
         if typ in (int, float) and not (math.isfinite(v) and (v > 0 if name in positive else v >= 0)):
             raise ConfigError(f"--{name}={v}: must be a finite number {'>' if name in positive else '>='} 0")
     if cfg.min_lr_ratio > 1 or max(cfg.beta1, cfg.beta2) >= 1:
-        raise ConfigError(f"--min_lr_ratio={cfg.min_lr_ratio} must be <= 1, --beta1={cfg.beta1} and "
-                          f"--beta2={cfg.beta2} < 1")
+        raise ConfigError(f"--min_lr_ratio={cfg.min_lr_ratio} must be <= 1, --beta1/--beta2 < 1")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one of them")
     if cfg.dtype not in ("bfloat16", "float32"):
         raise ConfigError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
     if re.fullmatch(r"(openai-community/)?gpt2(-medium|-large|-xl)?", cfg.init_from) and cfg.block_size > 1024:
         raise ConfigError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s 1024; pass --block_size=1024")
+    if cfg.num_samples and not cfg.sample_prompt:
+        raise ConfigError("--sample_prompt is empty: give samples a prompt to continue, or pass --num_samples=0")
     if cfg.data.endswith(".npy"):
         raise ConfigError(f"--data={cfg.data} is one shard; pass its folder: --data={os.path.dirname(cfg.data) or '.'}")
     check_writable(cfg.log_dir, "--log_dir")
@@ -710,10 +711,7 @@ def build_data(cfg, B, T, rank, world_size):
         paths = find_shards(cfg.data)
         # each shard's header and size, and the manifest, now; its ids (a full read) when it is first read
         train, val = ([Source(lambda p=p: load_shard(p), len(load_shard(p, ids=False))) for p in ps] for ps in paths)
-        try:
-            fineweb.verify_shards(cfg.data, [os.path.basename(p) for p in sum(paths, [])], cfg.verify_shards)
-        except fineweb.DataError as e:
-            raise ConfigError(str(e)) from None
+        fineweb.verify_shards(cfg.data, [os.path.basename(p) for p in sum(paths, [])], cfg.verify_shards, ConfigError)
     else:
         tr, va = load_text_tokens(cfg.data)
         train, val = [Source(lambda: tr)], [Source(lambda: va)]
@@ -784,7 +782,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint {path} could not be read ({e.__class__.__name__}: {e})") from None
+        first = str(e).strip().split("\n")[0]  # torch's messages run to many lines
+        raise ConfigError(f"checkpoint {path} could not be read ({first}); pass a ckpt_*.pt from a --log_dir") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise ConfigError(f"{path} is not a train_gpt2.py checkpoint (no model and model_config in it); "
                           f"pass a ckpt_*.pt from a --log_dir")

@@ -47,41 +47,30 @@ def shard_folder(folder, n_train, tokens=200, prefix="edufineweb"):
     return str(folder)
 
 
-def bad_case(name, tmp_path):
-    """(extra flags, what the error line must name) of each bad-input case of train_gpt2.py."""
-    text = text_file(tmp_path / "input.txt")
-    (tmp_path / "a_file").write_text("not a folder")
-    shard_folder(tmp_path / "shards", 1)
-    return {
-        "batch_size=0": (["--batch_size=0"], ["--batch_size=0"]),
-        "batch_size=-2": (["--batch_size=-2"], ["--batch_size=-2"]),
-        "block_size=0": (["--block_size=0"], ["--block_size=0"]),
-        "n_head=0": (["--n_head=0"], ["--n_head=0"]),
-        "n_embd=65,n_head=2": (["--n_embd=65", "--n_head=2"], ["--n_embd=65", "--n_head=2"]),
-        "max_lr=nan": (["--max_lr=nan"], ["--max_lr=nan"]),
-        "max_lr=inf": (["--max_lr=inf"], ["--max_lr=inf"]),
-        "seed=-1": (["--seed=-1"], ["--seed=-1"]),
-        "beta2=1.5": (["--beta2=1.5"], ["--beta2=1.5"]),
-        "device=mps": (["--device=mps"], ["--device=mps", "--device=cpu"]),
-        # before any download: GPT-2's names have 1024 positions
-        "init_from=gpt2,block_size=2048": (["--init_from=gpt2", "--block_size=2048"], ["--block_size=2048", "1024"]),
-        "non-UTF-8 text": ([f"--data={text_file(tmp_path / 'latin1.txt', encoding='latin-1')}"],
-                           ["latin1.txt", "UTF-8"]),
-        "one .npy file": ([f"--data={tmp_path}/shards/edufineweb_train_000001.npy"], ["--data=", "folder"]),
-        "log_dir is a file": ([f"--log_dir={tmp_path}/a_file"], ["--log_dir=", "a_file", "it is a file"]),
-        "log_dir under a file": ([f"--log_dir={tmp_path}/a_file/log"], ["--log_dir=", "writable"]),
-        "val split < one batch": ([f"--data={text}", "--eval_interval=1", "--val_tokens=20"],
-                                  ["--val_tokens=20", "raise --val_tokens", "--batch_size"]),
-        # no evaluation, but the train split is smaller than one batch: still an error
-        "text < one batch, no eval": ([f"--data={text_file(tmp_path / 'tiny.txt', words=10)}"],
-                                      ["tiny.txt", "--batch_size"]),
-    }[name]
-
-
-CASES = ["batch_size=0", "batch_size=-2", "block_size=0", "n_head=0", "n_embd=65,n_head=2", "max_lr=nan",
-         "max_lr=inf", "seed=-1", "beta2=1.5", "device=mps", "init_from=gpt2,block_size=2048", "non-UTF-8 text",
-         "one .npy file", "log_dir is a file", "log_dir under a file", "val split < one batch",
-         "text < one batch, no eval"]
+# each bad-input case of train_gpt2.py: (extra flags, what the error line must name); {tmp} is the test's folder
+CASES = {
+    "batch_size=0": (["--batch_size=0"], ["--batch_size=0"]),
+    "batch_size=-2": (["--batch_size=-2"], ["--batch_size=-2"]),
+    "block_size=0": (["--block_size=0"], ["--block_size=0"]),
+    "n_head=0": (["--n_head=0"], ["--n_head=0"]),
+    "n_embd=65,n_head=2": (["--n_embd=65", "--n_head=2"], ["--n_embd=65", "--n_head=2"]),
+    "max_lr=nan": (["--max_lr=nan"], ["--max_lr=nan"]),
+    "max_lr=inf": (["--max_lr=inf"], ["--max_lr=inf"]),
+    "seed=-1": (["--seed=-1"], ["--seed=-1"]),
+    "beta2=1.5": (["--beta2=1.5"], ["--beta2"]),
+    "empty sample_prompt": (["--sample_prompt=", "--num_samples=1", "--eval_interval=1"], ["--sample_prompt"]),
+    "device=mps": (["--device=mps"], ["--device=mps", "--device=cpu"]),
+    # before any download: GPT-2's names have 1024 positions
+    "init_from=gpt2,block_size=2048": (["--init_from=gpt2", "--block_size=2048"], ["--block_size=2048", "1024"]),
+    "non-UTF-8 text": (["--data={tmp}/latin1.txt"], ["latin1.txt", "UTF-8"]),
+    "one .npy file": (["--data={tmp}/shards/edufineweb_train_000001.npy"], ["--data=", "folder"]),
+    "log_dir is a file": (["--log_dir={tmp}/a_file"], ["--log_dir=", "a_file", "it is a file"]),
+    "log_dir under a file": (["--log_dir={tmp}/a_file/log"], ["--log_dir=", "writable"]),
+    "val split < one batch": (["--eval_interval=1", "--val_tokens=20"],
+                              ["--val_tokens=20", "raise --val_tokens", "--batch_size"]),
+    # no evaluation, but the train split is smaller than one batch: still an error
+    "text < one batch, no eval": (["--data={tmp}/tiny.txt"], ["tiny.txt", "--batch_size"]),
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -89,9 +78,15 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, case)
     if case == "device=mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    flags, names = bad_case(case, tmp_path)
+    text_file(tmp_path / "input.txt")
+    text_file(tmp_path / "latin1.txt", encoding="latin-1")
+    text_file(tmp_path / "tiny.txt", words=10)
+    (tmp_path / "a_file").write_text("not a folder")
+    shard_folder(tmp_path / "shards", 1)
+    flags, names = CASES[case]
     log_dir = tmp_path / "log"
-    rc = train_gpt2.main([f"--data={tmp_path / 'input.txt'}", f"--log_dir={log_dir}", *TINY, *flags])
+    rc = train_gpt2.main([f"--data={tmp_path / 'input.txt'}", f"--log_dir={log_dir}", *TINY,
+                          *(f.format(tmp=tmp_path) for f in flags)])
     one_error_line(capsys, rc, *names)
     assert not list(log_dir.glob("ckpt_*.pt"))  # nothing trained, nothing written
 
@@ -237,16 +232,22 @@ def test_non_utf8_hellaswag_file_is_one_line(tmp_path, capsys):
                                            f"--data_path={path}"]), f"{path}:2", "UTF-8")
 
 
-def test_foreign_checkpoint_is_one_line(tmp_path, capsys):
-    """A file that is not one of our checkpoints (here a bare state_dict) was a KeyError in both scripts."""
-    path = tmp_path / "state_dict.pt"
-    torch.save(train_gpt2.GPT(train_gpt2.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).state_dict(), path)
+@pytest.mark.parametrize("kind", ["state_dict", "text"])
+def test_foreign_checkpoint_is_one_line(tmp_path, capsys, kind):
+    """A file that is not one of our checkpoints: a bare state_dict was a KeyError in both scripts, a text file
+    an error message of many lines."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "state_dict":
+        torch.save(train_gpt2.GPT(train_gpt2.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).state_dict(),
+                   path)
+    else:
+        path.write_text("not a checkpoint\n" * 10)
     items = tmp_path / "hs.jsonl"
     items.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
     one_error_line(capsys, hellaswag.main([f"--checkpoint={path}", f"--data_path={items}", "--device=cpu"]),
-                   str(path), "not a train_gpt2.py checkpoint")
+                   str(path), "ckpt_*.pt")
     one_error_line(capsys, export_hf.main([f"--checkpoint={path}", f"--out={tmp_path / 'hf'}", "--tokenizer=none"]),
-                   str(path), "not a train_gpt2.py checkpoint")
+                   str(path), "ckpt_*.pt")
 
 
 @pytest.mark.parametrize("out", ["a_file", "/proc/self"])
