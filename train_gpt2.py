@@ -933,8 +933,8 @@ def resolve_resume(cfg, explicit):
                               f"start without --resume or pass --resume=PATH")
         path = found[-1]
     ckpt = load_checkpoint(path)
-    # stop_step belongs to one invocation (one job of a split run), not to the run
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step"}
+    # stop_step and verify_shards belong to one invocation (one job of a split run), not to the run
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "verify_shards"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
     values.update(explicit)
     values["resume"] = path

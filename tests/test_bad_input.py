@@ -246,8 +246,7 @@ def test_foreign_checkpoint_is_one_line(tmp_path, capsys, kind):
     items.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
     one_error_line(capsys, hellaswag.main([f"--checkpoint={path}", f"--data_path={items}", "--device=cpu"]),
                    str(path), "ckpt_*.pt")
-    one_error_line(capsys, export_hf.main([f"--checkpoint={path}", f"--out={tmp_path / 'hf'}", "--tokenizer=none"]),
-                   str(path), "ckpt_*.pt")
+    one_error_line(capsys, export_hf.main([f"--checkpoint={path}", f"--out={tmp_path / 'hf'}"]), str(path), "ckpt_*.pt")
 
 
 @pytest.mark.parametrize("out", ["a_file", "/proc/self"])
@@ -257,7 +256,7 @@ def test_export_unwritable_out_is_one_line(tmp_path, capsys, out):
     if out == "a_file":
         out = str(tmp_path / "a_file")
         (tmp_path / "a_file").write_text("not a folder")
-    rc = export_hf.main([f"--checkpoint={tiny_checkpoint(tmp_path / 'c.pt')}", f"--out={out}", "--tokenizer=none"])
+    rc = export_hf.main([f"--checkpoint={tiny_checkpoint(tmp_path / 'c.pt')}", f"--out={out}"])
     one_error_line(capsys, rc, f"--out={out}", "cannot write there")
 
 
