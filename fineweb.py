@@ -3,7 +3,7 @@ FineWeb-Edu as GPT-2 token shards for train_gpt2.py.
 
     python fineweb.py                                      # HuggingFaceFW/fineweb-edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --files 'data/*.parquet' --out my_shards --shard_size 10000000   # local jsonl/parquet/txt
-    python fineweb.py --benchmark --files ../shared/data/fineweb_sample_*.parquet     # tokens/s, 1 vs 2 workers
+    python fineweb.py --benchmark --files tests/data/fineweb_sample_*.parquet     # tokens/s, 1 vs 2 workers
 
 Every document becomes <|endoftext|> followed by its GPT-2 tokens (tiktoken encode_ordinary). The
 stream is cut into uint16 .npy shards of exactly --shard_size tokens (only the last is shorter); a
@@ -511,7 +511,7 @@ def parse_args(argv):
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error("--max_tokens must be >= 1")
     if args.benchmark and not args.files:
-        p.error("--benchmark needs --files (e.g. ../shared/data/fineweb_sample_*.parquet)")
+        p.error("--benchmark needs --files (e.g. tests/data/fineweb_sample_*.parquet)")
     return args
 
 

@@ -1,7 +1,7 @@
 """
 Train GPT-2 (124M) from scratch, in one file.
 
-    python train_gpt2.py --preset=shakespeare                  # a small GPT on tiny shakespeare, laptop CPU
+    python train_gpt2.py --preset=shakespeare                  # a small GPT on tiny shakespeare, on a CPU
     python fineweb.py                                          # FineWeb-Edu 10B -> edu_fineweb10B/
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # the GPT-2 124M reproduction, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume   # continue from the newest checkpoint
@@ -88,7 +88,7 @@ class TrainConfig:
 
 # A preset is only a dict of flag values; explicit flags still override it.
 PRESETS = {
-    # a 4-layer GPT on tiny shakespeare that trains on a laptop CPU in about 5 minutes
+    # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in about 5 minutes
     "shakespeare": dict(
         data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
         total_batch_size=4096, max_lr=3e-3, warmup_steps=20, max_steps=300, eval_interval=50,
