@@ -84,7 +84,7 @@ def build(rung, args, hf_weights, device):
         from transformers import GPT2LMHeadModel
         from export_hf import hf_config  # dropout off, tanh GELU: the same network as ours
         model = GPT2LMHeadModel(hf_config(base_config(args)))
-        model.config.loss_type = "ForCausalLM"
+        model.loss_type = "ForCausalLM"  # read off the model: its class name maps to no loss, and transformers warns
         model.load_state_dict(hf_weights, strict=True)
 
         def loss_of(x, y):  # shift_labels: y is already shifted, as ours is (labels= alone shifts again)

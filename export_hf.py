@@ -1,6 +1,7 @@
 """
 Export one of our checkpoints to the Hugging Face GPT-2 format: config.json + model.safetensors
-(+ the GPT-2 tokenizer files), so that transformers, lm-evaluation-harness and friends can read it.
++ the GPT-2 tokenizer (from gpt2_tokenizer/, no network), so that transformers, lm-evaluation-harness
+and friends can read it.
 
     python export_hf.py --checkpoint=log/ckpt_019073.pt --out=hf_export
     python export_hf.py --model=gpt2 --out=hf_gpt2            # HF -> ours -> HF, a round trip
@@ -14,14 +15,11 @@ Importing runs nothing; tests call export_hf(model, out_dir).
 
 import argparse
 import os
-import socket
 import sys
 
 import torch
 
 GPT2_VOCAB = 50257
-TOKENIZER_NOTE = ("the model files are complete; give pipeline() a tokenizer (tokenizer=...) or rerun with "
-                  "--tokenizer=DIR, a folder holding the GPT-2 tokenizer (tokenizer.json, or vocab.json + merges.txt)")
 
 
 def hf_config(config):
@@ -37,46 +35,24 @@ def hf_config(config):
     )
 
 
-def hub_reachable(timeout=3.0):
-    """False when offline: from_pretrained would otherwise retry for minutes before giving up."""
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_tokenizer(source):
-    """A GPT-2 tokenizer from a hub name or a dir; None when there is none to be had (offline)."""
-    from transformers import GPT2TokenizerFast
-    kwargs = {} if os.path.isdir(source) or hub_reachable() else {"local_files_only": True}
-    try:
-        tok = GPT2TokenizerFast.from_pretrained(source, **kwargs)
-    except (OSError, ValueError):
-        return None
-    # with no files to read, transformers 5 returns an empty tokenizer instead of raising
-    return tok if len(tok) >= GPT2_VOCAB else None
-
-
-def export_hf(model, out_dir, tokenizer_from="gpt2"):
+def export_hf(model, out_dir):
     """
-    Writes our GPT to out_dir as a Hugging Face GPT2LMHeadModel. tokenizer_from: a hub name or dir,
-    a tokenizer object, or None. Returns the tokenizer saved with the model, or None.
+    Writes our GPT to out_dir as a Hugging Face GPT2LMHeadModel, with the GPT-2 tokenizer built from
+    the files shipped in gpt2_tokenizer/ (no network). Returns that tokenizer.
     """
     from transformers import GPT2LMHeadModel
+    from gpt2_tokenizer import hf_tokenizer
     hf = GPT2LMHeadModel(hf_config(model.config))
     # hf_state_dict() already transposes the Conv1D weights and drops the padded vocab rows;
     # strict: a name or shape that does not match HF's GPT-2 is an error, not a silent random weight
     hf.load_state_dict(model.hf_state_dict(), strict=True)
+    # generation stops at the context: pipeline()'s default of 256 new tokens would index past wpe
+    # on a short-context model (an IndexError); a set max_length keeps that default out
+    hf.generation_config.max_length = model.config.block_size
     hf.save_pretrained(out_dir)  # config.json, generation_config.json, model.safetensors
-    tokenizer = load_tokenizer(tokenizer_from) if isinstance(tokenizer_from, str) else tokenizer_from
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    tokenizer = hf_tokenizer()
+    tokenizer.model_max_length = model.config.block_size
+    tokenizer.save_pretrained(out_dir)
     return tokenizer
 
 
@@ -99,29 +75,22 @@ def main(argv):
     source.add_argument("--checkpoint", help="one of our checkpoints: log/ckpt_019073.pt")
     source.add_argument("--model", help="a Hugging Face GPT-2 name or dir (gpt2, ./hf_dir): the round trip")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--tokenizer", default="gpt2", help="hub name or dir of the GPT-2 tokenizer; 'none' skips it")
     args = parser.parse_args(argv)
 
     import train_gpt2
-    skip_tokenizer = args.tokenizer.lower() == "none"
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # no bars for a few MB written and read back
     try:
         train_gpt2.check_writable(args.out, "--out")
         if args.checkpoint:
             model = train_gpt2.model_from_checkpoint(args.checkpoint)
         else:
             model = train_gpt2.GPT.from_pretrained(args.model)
-        tokenizer = None if skip_tokenizer else load_tokenizer(args.tokenizer)
-        if tokenizer is None and not skip_tokenizer and args.tokenizer != "gpt2":  # asked for by name: must load
-            raise train_gpt2.ConfigError(f"--tokenizer={args.tokenizer}: could not load a GPT-2 tokenizer from it; "
-                                         f"pass a folder with tokenizer.json (or vocab.json + merges.txt), or none")
     except train_gpt2.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    export_hf(model, args.out, tokenizer)
+    export_hf(model, args.out)
     print(f"wrote {args.out}: {', '.join(sorted(os.listdir(args.out)))}")
-    if tokenizer is None:
-        why = "--tokenizer=none" if skip_tokenizer else f"could not load {args.tokenizer!r}, offline?"
-        print(f"note: tokenizer not saved ({why}); {TOKENIZER_NOTE}")
     print(f"check: max |logit difference| ours vs exported = {max_logit_diff(model, args.out):.2e}")
     return 0
 

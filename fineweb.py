@@ -3,7 +3,7 @@ FineWeb-Edu as GPT-2 token shards for train_gpt2.py.
 
     python fineweb.py                                      # HuggingFaceFW/fineweb-edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --files 'data/*.parquet' --out my_shards --shard_size 10000000   # local jsonl/parquet/txt
-    python fineweb.py --benchmark --files ../shared/data/fineweb_sample_*.parquet     # tokens/s, 1 vs 2 workers
+    python fineweb.py --benchmark --files tests/data/fineweb_sample_*.parquet     # tokens/s, 1 vs 2 workers
 
 Every document becomes <|endoftext|> followed by its GPT-2 tokens (tiktoken encode_ordinary). The
 stream is cut into uint16 .npy shards of exactly --shard_size tokens (only the last is shorter); a
@@ -159,15 +159,16 @@ def iter_dataset(name, config, split, start=0, cache_dir=None):
 # Tokenization: chunks of documents to uint16 token arrays, in worker processes, in order
 
 
-_enc = None
+_start_error = None  # set in a pool worker whose start-up failed
 
 
 def get_encoding():
-    global _enc
-    if _enc is None:
-        import tiktoken
-        _enc = tiktoken.get_encoding("gpt2")
-    return _enc
+    """GPT-2 BPE from the files shipped in gpt2_tokenizer/ (no network); loaded once per process."""
+    from gpt2_tokenizer import TokenizerFilesError, get_tokenizer
+    try:
+        return get_tokenizer()
+    except TokenizerFilesError as e:
+        raise DataError(str(e)) from None
 
 
 def encode_ordinary(text):
@@ -213,10 +214,17 @@ def _init_worker():
             time.sleep(1)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
-    get_encoding()
+    try:
+        get_encoding()
+    except Exception as e:  # a Pool respawns a worker whose initializer raises, forever: fail its tasks instead
+        global _start_error
+        detail = e if isinstance(e, DataError) else f"{e.__class__.__name__}: {e}"
+        _start_error = f"a tokenizer worker could not start: {detail}".splitlines()[0]
 
 
 def _tokenize_chunk(texts, labels):
+    if _start_error:
+        raise DataError(_start_error)
     return tokenize_docs(texts, labels)
 
 
@@ -409,6 +417,8 @@ def write_shards(docs_from, out, params, shard_size=SHARD_SIZE, workers=1, max_t
         save_manifest(out, manifest)  # after the rename: a listed shard is always a whole one
         fill, start = 0, end
         if bar is not None:
+            bar.total = len(tokens)  # the short last shard's bar ends at 100%, not where the data ran out
+            bar.refresh()
             bar.close()
             bar = None
 
@@ -539,7 +549,7 @@ def parse_args(argv):
     if args.max_tokens is not None and args.max_tokens < 1:
         p.error("--max_tokens must be >= 1")
     if args.benchmark and not args.files:
-        p.error("--benchmark needs --files (e.g. ../shared/data/fineweb_sample_*.parquet)")
+        p.error("--benchmark needs --files (e.g. tests/data/fineweb_sample_*.parquet)")
     return args
 
 

@@ -147,9 +147,9 @@ def score(model, items, device, batch_size=8, autocast=nullcontext(), progress=F
     on the right, which the causal mask hides from every real token, so batching does not change
     a row's result.
     """
-    import tiktoken
     from tqdm import tqdm
-    enc = tiktoken.get_encoding("gpt2")
+    from gpt2_tokenizer import get_tokenizer
+    enc = get_tokenizer()
     max_len = context_length(model)
     rendered = [render(item, enc, max_len) for item in items]
     # longest items first: batches of similar lengths waste little compute on padding, and a batch
@@ -229,13 +229,13 @@ def load_model(args, device):
 
 def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
     """items/s of one item per forward vs batch_size items per forward, for a random small GPT."""
-    import tiktoken
+    from gpt2_tokenizer import get_tokenizer
     from train_gpt2 import GPT, GPTConfig, token_losses
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_embd // 32, n_embd=n_embd)).to(device)
     score(model, items[:batch_size], device, batch_size)  # warm-up: allocator, kernels, tokenizer
     times, preds, head_times = {1: [], batch_size: []}, {}, []
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_tokenizer()
     n_rows = sum(sum(m) for item in items for m in render(item, enc, model.config.block_size)[1])
     for _ in range(repeats):  # alternate the two, so that a busy spell on a shared machine hits both
         for bs in times:

@@ -1,7 +1,7 @@
 """
 Train GPT-2 (124M) from scratch, in one file.
 
-    python train_gpt2.py --preset=shakespeare                  # a small GPT on tiny shakespeare, laptop CPU
+    python train_gpt2.py --preset=shakespeare                  # a small GPT on tiny shakespeare, on a CPU
     python fineweb.py                                          # FineWeb-Edu 10B -> edu_fineweb10B/
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # the GPT-2 124M reproduction, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume   # continue from the newest checkpoint
@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
+
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters: defaults are the GPT-2 124M reproduction on FineWeb-Edu 10B
 
@@ -44,23 +46,23 @@ class TrainConfig:
     shuffle: bool = False  # permute shard order and document order per epoch (from seed)
     val_tokens: int = 10_485_760  # tokens of validation per eval, however many ranks (capped by the split)
     # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads (head size = n_embd / n_head)
+    n_embd: int = 768  # width of the residual stream (C)
     block_size: int = 1024  # tokens of context (T)
     init_from: str = "scratch"  # "scratch", or a GPT.from_pretrained name/path (gpt2, ./hf_dir)
     # batch: grad accumulation steps = total_batch_size / (batch_size * block_size * world size)
     batch_size: int = 64  # sequences per micro-batch per rank (B)
     total_batch_size: int = 524_288  # tokens per optimizer step, 2**19 ~ 0.5M as in GPT-3 Small
     # optimizer and schedule (GPT-3 paper, table 2.1 and appendix B)
-    max_lr: float = 6e-4
+    max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
-    warmup_steps: int = 715  # 375M tokens / 2**19 tokens per step
-    max_steps: int = 19_073  # 10B tokens / 2**19 tokens per step = one epoch of FineWeb-Edu 10B
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    warmup_steps: int = 715  # steps of linear LR warmup: 375M tokens / 2**19 tokens per step
+    max_steps: int = 19_073  # steps in all: 10B tokens / 2**19 tokens per step = one epoch of FineWeb-Edu 10B
+    weight_decay: float = 0.1  # AdamW, on 2-D tensors (matmuls, embeddings) only
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     # evaluation, sampling, logging, checkpoints
     eval_interval: int = 250  # steps between val loss / HellaSwag / samples
@@ -68,7 +70,7 @@ class TrainConfig:
     hellaswag_path: str = ""  # local hellaswag_val.jsonl; empty downloads it
     num_samples: int = 4  # samples printed at each eval
     sample_tokens: int = 32  # tokens per sample
-    sample_prompt: str = "Hello, I'm a language model,"
+    sample_prompt: str = "Hello, I'm a language model,"  # the samples continue this text
     log_dir: str = "log"  # log.txt and checkpoints go here
     checkpoint_interval: int = 5000  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in log_dir; 0 keeps all
@@ -82,12 +84,12 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
     verify_shards: bool = False  # check every shard's sha256 against fineweb.py's manifest.json at start-up
-    seed: int = 1337
+    seed: int = 1337  # seeds the weights, the data order (--shuffle) and the samples
 
 
 # A preset is only a dict of flag values; explicit flags still override it.
 PRESETS = {
-    # a 4-layer GPT on tiny shakespeare that trains on a laptop CPU in about 5 minutes
+    # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in about 5 minutes
     "shakespeare": dict(
         data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
         total_batch_size=4096, max_lr=3e-3, warmup_steps=20, max_steps=300, eval_interval=50,
@@ -512,11 +514,6 @@ class GPT(nn.Module):
 
 EOT = 50256  # <|endoftext|>: fineweb.py puts it before every document
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-def get_tokenizer():
-    import tiktoken
-    return tiktoken.get_encoding("gpt2")
 
 
 def load_text_tokens(path, val_fraction=0.1):
@@ -1023,6 +1020,14 @@ def train(cfg, explicit=None):
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M params | device {d.device} x {d.world_size} | "
            f"grad accum {grad_accum} | {cfg.total_batch_size} tokens/step | measured peak "
            f"{peak / 1e12:.2f} TFLOP/s per device" + (f" | resuming at step {start_step}" if ckpt else ""))
+    if cfg.warmup_steps >= cfg.max_steps:
+        print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never leaves its "
+               f"warmup (it ends at {get_lr(cfg.max_steps - 1, cfg):.1e}, not {cfg.max_lr:.1e}); lower --warmup_steps")
+    if ckpt is not None and ckpt["config"]["max_steps"] != cfg.max_steps:
+        was = dataclasses.replace(cfg, max_steps=ckpt["config"]["max_steps"])
+        print0(f"warning: --max_steps={cfg.max_steps} differs from the checkpoint's {was.max_steps}: the cosine LR "
+               f"schedule is redrawn over the new length (step {start_step}: lr {get_lr(start_step, cfg):.1e}, "
+               f"{get_lr(start_step, was):.1e} in the original schedule)")
 
     # preemption and Ctrl-C: finish the step, checkpoint, exit; a second signal kills at once
     stop = {"signal": 0}
@@ -1116,7 +1121,7 @@ def train(cfg, explicit=None):
         step_times.append(dt)
         tok_per_s = cfg.total_batch_size / dt
         mfu = flops_per_step / dt / (peak * d.world_size)
-        print0(f"step {step + 1}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
+        print0(f"step {step}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(tok_per_s)} | mfu {mfu * 100:.0f}%")
         if d.master:
             append_log(log_path, f"{step} train {loss_val:.6f}")
@@ -1134,7 +1139,8 @@ def train(cfg, explicit=None):
             break
 
     timed = step_times[1:] or step_times  # the first step pays for compile and warm-up
-    summary = {"step": step + 1, "val_loss": val_loss, "mean_step_ms": 1000 * sum(timed) / max(1, len(timed))}
+    # step: the last one run, numbered from 0 as in log.txt (ckpt_{N} and "resuming at step N" count steps done)
+    summary = {"step": step, "val_loss": val_loss, "mean_step_ms": 1000 * sum(timed) / max(1, len(timed))}
     if d.device_type == "cuda":
         summary["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     print0("done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
@@ -1160,9 +1166,11 @@ def truncate_log_to(log_path, pos):
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        print(__doc__)
+        # each flag's description is the comment beside its field in TrainConfig
+        notes = dict(re.findall(r"^ +(\w+): [^=\n]+=[^#\n]*# *(.*)$", inspect.getsource(TrainConfig), re.M))
+        print(__doc__.rstrip() + "\n\nflags (default, description):")
         for f in dataclasses.fields(TrainConfig):
-            print(f"  --{f.name}={f.default}")
+            print(f"  {f'--{f.name}={f.default}':<28} {notes.get(f.name, '')}")
         print(f"presets: {', '.join(PRESETS)}")
         return 0
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fineweb
-from conftest import ROOT, shared_file
+from conftest import FINEWEB, ROOT
 from train_gpt2 import find_shards, load_shard
 
 SHARD = 20_000  # tokens per shard in these tests: several shards from a few hundred kB of text
@@ -112,7 +112,7 @@ def test_jsonl_stream_is_every_document(jsonl, tmp_path):
 
 def test_parquet_stream_and_workers(tmp_path):
     """Real FineWeb documents: the exact stream, and 2 workers write the same bytes as 1."""
-    files = [shared_file("fineweb_sample_000001.parquet"), shared_file("fineweb_sample_000002.parquet")]
+    files = FINEWEB
     import pyarrow.parquet as pq
     docs = [t for f in files for t in pq.read_table(f).column("text").to_pylist()]
     assert run(files, tmp_path / "w1", "--workers=1") == 0
@@ -213,6 +213,33 @@ def test_bad_document_in_a_worker_is_named(tmp_path, capsys):
     assert f"error: document 20 ({path} line 21): text is NoneType" in capsys.readouterr().err
 
 
+def test_a_worker_that_cannot_start_fails_the_command_in_one_line(tmp_path):
+    """A Pool respawns a worker whose initializer raises, forever: here the tokenizer cannot load (a
+    damaged BPE file, no network, nothing cached), and the command must end with one error line."""
+    shutil.copy(os.path.join(ROOT, "fineweb.py"), tmp_path)
+    shutil.copytree(os.path.join(ROOT, "gpt2_tokenizer"), tmp_path / "gpt2_tokenizer")
+    (tmp_path / "gpt2_tokenizer" / "encoder.json").write_text("{}")
+    write_jsonl(tmp_path / "docs.jsonl", ["some text"] * 10)
+    (tmp_path / "cache").mkdir()
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "TIKTOKEN_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "fineweb.py", "--files", "docs.jsonl", "--out", "out", "--workers=2",
+                          "--no_progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("error: a tokenizer worker could not start: ")
+    assert "encoder.json is not OpenAI's GPT-2 file" in out.stderr
+
+
+def test_progress_bars_end_at_100_percent(tmp_path, capsys):
+    """The short last shard's bar ends at its own size (it stopped at 65% of --shard_size)."""
+    path = write_jsonl(tmp_path / "docs.jsonl", [" ".join(["word"] * 1000)] * 13)  # 13,013 tokens
+    params = {"source": "test"}
+    fineweb.write_shards(lambda start: fineweb.iter_files([path], start), str(tmp_path / "out"), params,
+                         shard_size=10_000, progress=True)
+    bars = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "_0000" in line]
+    assert len(bars) == 2 and all("100%" in bar for bar in bars), bars
+    assert "3.01k/3.01k" in bars[1]
+
+
 def test_unreadable_files(tmp_path, capsys):
     (tmp_path / "junk.parquet").write_bytes(b"this is not parquet")
     assert run([str(tmp_path / "junk.parquet")], tmp_path / "out") == 2
@@ -251,7 +278,7 @@ def test_txt_files_are_one_document_each(tmp_path):
 def test_dataset_path_matches_files_and_resumes(tmp_path, monkeypatch):
     """The default source (a Hugging Face dataset, here a local parquet folder): same shards as --files,
     and a stopped run resumes by row index to the same bytes."""
-    files = [shared_file("fineweb_sample_000001.parquet"), shared_file("fineweb_sample_000002.parquet")]
+    files = FINEWEB
     folder = tmp_path / "dataset"
     folder.mkdir()
     for f in files:

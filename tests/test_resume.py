@@ -24,9 +24,9 @@ def args(data, log_dir, extra=()):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run."""
-    from conftest import shared_file
+    from conftest import SHAKESPEARE
     data = tmp_path_factory.mktemp("data") / "input.txt"
-    data.write_text(open(shared_file("tinyshakespeare.txt")).read())
+    data.write_text(open(SHAKESPEARE).read())
     log_dir = tmp_path_factory.mktemp("reference")
     run(args(data, log_dir))
     return data, log_dir
@@ -75,7 +75,7 @@ def test_sigterm_finishes_the_step_and_checkpoints(reference, tmp_path):
     proc = subprocess.Popen(command(args(data, tmp_path)), env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in proc.stdout:  # wait for the first step to be done
-        if line.startswith("step 1/"):
+        if line.startswith("step 0/"):
             break
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)

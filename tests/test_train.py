@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import ROOT, shared_file
+from conftest import HELLASWAG, ROOT, SHAKESPEARE
 from train_gpt2 import ConfigError, DataLoaderLite, Source, TrainConfig, get_lr, parse_args
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -22,7 +22,7 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 @pytest.fixture
 def shakespeare(tmp_path):
     path = tmp_path / "input.txt"
-    shutil.copy(shared_file("tinyshakespeare.txt"), path)
+    shutil.copy(SHAKESPEARE, path)
     return str(path)
 
 
@@ -86,11 +86,16 @@ def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
            "--max_steps=6", "--eval_interval=3", "--checkpoint_interval=3", "--warmup_steps=2", *TINY]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "step 6/6 | loss" in out.stdout and "| tok/s" in out.stdout and "sample:" in out.stdout
+    assert "step 5/6 | loss" in out.stdout and "| tok/s" in out.stdout and "sample:" in out.stdout
     lines = (log_dir / "log.txt").read_text().split("\n")
     train = [l for l in lines if " train " in l]
     assert [int(l.split()[0]) for l in train] == list(range(6))
     assert [l.split()[0] for l in lines if " val " in l] == ["0", "3", "5"]
+    # one numbering: the console's steps and losses are log.txt's, and so is the summary's last val loss
+    console = [l.split(" | ")[:2] for l in out.stdout.splitlines() if l.startswith("step ") and "/6 | loss" in l]
+    assert [(c[0], c[1]) for c in console] == [(f"step {s}/6", f"loss {float(v):.4f}") for s, _, v in map(str.split, train)]
+    last_val = [l.split() for l in lines if " val " in l][-1]
+    assert f"done: step 5 | val_loss {float(last_val[2]):.4f} |" in out.stdout
     assert float(train[-1].split()[2]) < float(train[0].split()[2])  # it learns
     ckpt = torch.load(log_dir / "ckpt_000006.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["config"]["n_layer"] == 2 and math.isfinite(ckpt["val_loss"])
@@ -98,6 +103,28 @@ def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
     model = train_gpt2.model_from_checkpoint(str(log_dir / "ckpt_000006.pt"))
     texts = train_gpt2.sample_texts(model, "ROMEO:", 2, 10, "cpu")
     assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) > len("ROMEO:") for t in texts)
+
+
+def test_warns_when_warmup_outlasts_the_run_and_when_a_resume_changes_max_steps(tmp_path, shakespeare, capsys):
+    args = [f"--data={shakespeare}", f"--log_dir={tmp_path}", *TINY, "--num_samples=0", "--max_lr=1e-3"]
+    assert train_gpt2.main([*args, "--max_steps=3", "--warmup_steps=5"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: --warmup_steps=5 >= --max_steps=3: the LR never leaves its warmup (it ends at 6.0e-04, " \
+           "not 1.0e-03); lower --warmup_steps" in out
+    assert train_gpt2.main([*args, "--resume", "--max_steps=6", "--warmup_steps=1"]) == 0
+    out = capsys.readouterr().out
+    lr = get_lr(3, TrainConfig(max_lr=1e-3, warmup_steps=1, max_steps=6))
+    assert (f"warning: --max_steps=6 differs from the checkpoint's 3: the cosine LR schedule is redrawn over the "
+            f"new length (step 3: lr {lr:.1e}, 1.0e-04 in the original schedule)") in out
+    assert "warning: --warmup" not in out
+
+
+def test_help_describes_every_flag(capsys):
+    assert train_gpt2.main(["--help"]) == 0
+    lines = {l.split()[0].split("=")[0]: l for l in capsys.readouterr().out.splitlines() if l.startswith("  --")}
+    assert list(lines) == [f"--{f}" for f in TrainConfig.__dataclass_fields__]
+    assert all(len(l.split(None, 1)) == 2 for l in lines.values()), [l for l in lines.values() if len(l.split()) < 2]
+    assert lines["--compile"].split(None, 1)[1] == "torch.compile; unset: on for cuda only"
 
 
 def test_bad_batch_sizes_and_missing_data_are_one_line_errors(tmp_path, shakespeare, capsys):
@@ -118,7 +145,7 @@ def test_bad_batch_sizes_and_missing_data_are_one_line_errors(tmp_path, shakespe
 def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shakespeare):
     """compile is on for training; val loss, HellaSwag and sampling must keep working beside it."""
     items = tmp_path / "hellaswag.jsonl"
-    with open(shared_file("hellaswag_val_500.jsonl")) as f:
+    with open(HELLASWAG) as f:
         items.write_text("".join(f.readlines()[:8]))
     log_dir = tmp_path / "log"
     cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}", f"--log_dir={log_dir}",
