@@ -186,3 +186,37 @@ def test_resuming_an_init_from_run_never_reads_the_source_again(data, tmp_path):
     hf.rename(tmp_path / "moved")
     assert train(data, tmp_path / "log", "--resume", "--max_steps=4") == 0
     assert [s for s, _ in read_log(tmp_path / "log")] == [0, 1, 2, 3]
+
+
+STALL = """
+import sys, time, torch, torch.distributed as dist
+import train_gpt2
+d = train_gpt2.setup_distributed("cpu", "gloo", timeout_s=2)
+if d.rank == 1:
+    time.sleep(60)  # stalled: never joins the all-reduce
+t0 = time.time()
+try:
+    dist.all_reduce(torch.ones(1))
+except RuntimeError as e:
+    print(f"gave up after {time.time() - t0:.1f} s: {e}")
+"""
+
+
+def test_a_stalled_rank_fails_the_others_after_the_timeout_not_30_minutes(tmp_path):
+    import socket
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "PYTHONPATH": os.path.dirname(train_gpt2.__file__)}
+    procs = [subprocess.Popen([sys.executable, "-c", STALL], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, _ = procs[0].communicate(timeout=45)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert out.startswith("gave up after ") and "Timed out" in out, out
+    assert 1.9 < float(out.split()[3]) < 15  # 2 s, give or take a loaded machine
+    assert train_gpt2.TrainConfig().dist_timeout == 600  # the default, as the README says
