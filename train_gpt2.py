@@ -913,8 +913,8 @@ def resolve_resume(cfg, explicit):
     if missing:
         raise ConfigError(f"--resume={path} is not a train_gpt2.py training checkpoint (no {', '.join(sorted(missing))}); "
                           f"pass one of the ckpt_NNNNNN.pt files it writes")
-    # stop_step belongs to one invocation (one job of a split run), not to the run
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step"}
+    # stop_step and start_over belong to one invocation (one job of a split run), not to the run
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "start_over"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
     values.update(explicit)
     values["resume"] = path
