@@ -101,8 +101,9 @@ class RunDir:
 
     def __init__(self, log_dir, ckpt=None, ckpt_path=None, start_over=False):
         self.dir, self.lock, self.ckpt, self.latest = log_dir, lock(log_dir), ckpt, ckpt_path
-        for tmp in glob.glob(os.path.join(log_dir, "ckpt_*.pt*.tmp")) + glob.glob(os.path.join(log_dir, "run.json*.tmp")):
-            os.remove(tmp)  # left by a trainer that died mid-write: the lock says none is writing now
+        for pattern in ("ckpt_*.pt*.tmp", "run.json*.tmp"):  # left by a trainer that died mid-write:
+            for tmp in glob.glob(os.path.join(log_dir, pattern)):  # the lock says none is writing now
+                os.remove(tmp)
         self.found = checkpoints(log_dir)
         inside = ckpt is not None and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), log_dir)
         self.old = None

@@ -911,8 +911,11 @@ def resolve_resume(cfg, explicit):
     missing = {"model", "optimizer", "step", "config", "model_config", "loader", "rng", "log_pos"}
     missing -= set(ckpt) if isinstance(ckpt, dict) else set()
     if missing:
-        raise ConfigError(f"--resume={path} is not a train_gpt2.py training checkpoint (no {', '.join(sorted(missing))}); "
-                          f"pass one of the ckpt_NNNNNN.pt files it writes")
+        raise ConfigError(f"--resume={path} is not a train_gpt2.py training checkpoint (no {', '.join(sorted(missing))}"
+                          f"); pass one of the ckpt_NNNNNN.pt files it writes")
+    if first_nonfinite(ckpt["model"]):  # only an older version wrote such files
+        raise ConfigError(f"--resume={path}: weight {first_nonfinite(ckpt['model'])} is NaN or inf; "
+                          f"resume from an older checkpoint with --resume=PATH")
     # stop_step and start_over belong to one invocation (one job of a split run), not to the run
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "start_over"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
@@ -956,6 +959,10 @@ def train(cfg, explicit=None):
         torch.backends.cudnn.allow_tf32 = True
     elif d.device_type == "cpu":
         reuse_freed_memory()  # the step's freed buffers stay for the next step, no page faults
+        # compiled CPU kernels add the embeddings' gradients with atomics, in an order that varies from
+        # run to run; in deterministic mode inductor uses the ordered kernel, and a CPU run repeats bitwise
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-filling of new tensors
     autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
 
@@ -1029,8 +1036,9 @@ def train(cfg, explicit=None):
             signal.signal(s, on_signal)
 
     def nonfinite_error(step, what):
-        return FloatingPointError(f"step {step}: {what}; last good checkpoint: {(run.latest or 'none') if run else '(see rank 0)'} "
-                                  f"-- resume from it with --resume and a lower --max_lr, or start again with one")
+        good = (run.latest or "none") if run else "(see rank 0)"
+        return FloatingPointError(f"step {step}: {what}; last good checkpoint: {good} -- resume from it with "
+                                  f"--resume and a lower --max_lr, or start again with one")
 
     def checkpoint(step):
         if cfg.zero1 and d.world_size > 1:
