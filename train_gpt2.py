@@ -741,8 +741,9 @@ def save_checkpoint(path, state):
 
 
 def list_checkpoints(log_dir):
-    """Our checkpoints (ckpt_NNNNNN.pt, ckpt_NNNNNN_bN.pt) in log_dir, oldest step first."""
-    return [path for _, _, path in run_dir.checkpoints(log_dir)]
+    """The checkpoints of log_dir's current line (see run_dir.py), oldest first: [-1] is what --resume takes."""
+    rec = run_dir.read_record(log_dir)
+    return [path for _, _, path in run_dir.checkpoints(log_dir, rec.get("tag", "") if rec else None)]
 
 
 def first_nonfinite(state, name=""):
