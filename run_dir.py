@@ -39,9 +39,10 @@ def checkpoints(log_dir, tag=None):
 def read_record(log_dir):
     try:
         with open(os.path.join(log_dir, "run.json")) as f:
-            return json.load(f)
+            rec = json.load(f)
     except (OSError, ValueError):
         return None
+    return rec if isinstance(rec, dict) else None
 
 
 def latest_checkpoint(log_dir):
@@ -78,7 +79,9 @@ def lock(log_dir):
     if fcntl is not None:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without flock: run unlocked
+                return f
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
