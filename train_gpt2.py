@@ -12,6 +12,7 @@ Importing this file runs nothing: `from train_gpt2 import GPT, GPTConfig`.
 
 import ctypes
 import dataclasses
+import datetime
 import glob
 import inspect
 import json
@@ -32,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import run_dir
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
 
 # ----------------------------------------------------------------------------------------------
@@ -74,10 +76,12 @@ class TrainConfig:
     log_dir: str = "log"  # log.txt and checkpoints go here
     checkpoint_interval: int = 5000  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in log_dir; 0 keeps all
-    resume: str = ""  # "--resume" alone: newest checkpoint in log_dir; or a checkpoint path
+    resume: str = ""  # "--resume" alone: newest checkpoint of the run in log_dir; or a checkpoint path
+    start_over: bool = False  # a fresh run in a log_dir holding checkpoints moves them into log_dir/old_N/ first
     # system
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     backend: str = "auto"  # torch.distributed backend: auto (nccl on cuda, gloo otherwise), nccl, gloo
+    dist_timeout: int = 600  # seconds a rank waits for the others in a collective before the job fails
     dtype: str = "bfloat16"  # autocast dtype: bfloat16 or float32 (no autocast)
     compile: typing.Optional[bool] = None  # torch.compile; unset: on for cuda only
     zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
@@ -150,7 +154,7 @@ def parse_args(argv):
 def validate_config(cfg):
     """Every flag checked before anything is built or read: numbers finite and > 0 (these) or >= 0 (the rest)."""
     positive = {"n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_size", "max_steps",
-                "val_tokens", "max_lr"}
+                "val_tokens", "max_lr", "dist_timeout"}
     for name, typ in typing.get_type_hints(TrainConfig).items():
         v = getattr(cfg, name)
         if typ in (int, float) and not (math.isfinite(v) and (v > 0 if name in positive else v >= 0)):
@@ -763,14 +767,33 @@ def sample_texts(model, prompt, num_samples, max_new_tokens, device, seed=42, us
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temp name, then an atomic rename: a crash never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save to this process's temp name, then an atomic rename: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed (disk full, Ctrl-C): no 500 MB leftover
+            os.remove(tmp)
 
 
 def list_checkpoints(log_dir):
-    return sorted(glob.glob(os.path.join(log_dir, "ckpt_*.pt")))
+    """The checkpoints of log_dir's current line (see run_dir.py), oldest first: [-1] is what --resume takes."""
+    rec = run_dir.read_record(log_dir)
+    return [path for _, _, path in run_dir.checkpoints(log_dir, rec.get("tag", "") if rec else None)]
+
+
+def first_nonfinite(state, name=""):
+    """The name of the first tensor or float in a nested state dict that is NaN or inf, else None."""
+    if isinstance(state, dict):
+        state = state.items()
+    elif isinstance(state, (list, tuple)):
+        state = enumerate(state)
+    elif isinstance(state, (torch.Tensor, float)):
+        return None if torch.isfinite(torch.as_tensor(state)).all() else name
+    else:
+        return None
+    return next((bad for k, v in state if (bad := first_nonfinite(v, f"{name}.{k}".lstrip(".")))), None)
 
 
 def load_checkpoint(path):
@@ -836,7 +859,7 @@ class DistInfo:
     master: bool
 
 
-def setup_distributed(device="auto", backend="auto"):
+def setup_distributed(device="auto", backend="auto", timeout_s=600):
     """Reads torchrun's environment; one process without it. NCCL on CUDA, gloo on CPU."""
     if device == "auto":
         if torch.cuda.is_available():
@@ -858,7 +881,8 @@ def setup_distributed(device="auto", backend="auto"):
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    # a rank that waits longer than timeout_s for the others fails the job instead of hanging it
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, local_rank, world, device, device_type, rank == 0)
 
 
@@ -922,20 +946,43 @@ def fmt_count(x):
 
 def resolve_resume(cfg, explicit):
     """The checkpoint to resume from, and the run config: the checkpoint's, with explicit flags on top."""
-    path = cfg.resume
-    if path == "latest":
-        found = list_checkpoints(cfg.log_dir)
-        if not found:
-            raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in --log_dir={cfg.log_dir}; "
-                              f"start without --resume or pass --resume=PATH")
-        path = found[-1]
-    ckpt = load_checkpoint(path)
-    # stop_step and verify_shards belong to one invocation (one job of a split run), not to the run
-    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "verify_shards"}
+    path = cfg.resume if cfg.resume != "latest" else run_dir.latest_checkpoint(cfg.log_dir)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in --log_dir={cfg.log_dir}; "
+                          f"start without --resume or pass --resume=PATH")
+    try:
+        ckpt = load_checkpoint(path)
+    except ConfigError as e:
+        if not os.path.isfile(path):
+            raise
+        # a damaged file (truncated, say): name the newest older checkpoint of its line that loads
+        m = run_dir.CKPT_RE.fullmatch(os.path.basename(path))
+        step, tag = (int(m[1]), m[2] or "") if m else (math.inf, None)
+        older = [p for s, _, p in reversed(run_dir.checkpoints(os.path.dirname(path) or ".", tag)) if s < step]
+        intact = next((p for p in older if _loads(p)), None)
+        raise ConfigError(f"{e}; " + (f"the newest intact one before it is {intact}: resume with --resume={intact}"
+                                      if intact else "no older intact checkpoint is there")) from None
+    missing = {"model", "optimizer", "step", "config", "model_config", "loader", "rng", "log_pos"}
+    missing -= set(ckpt) if isinstance(ckpt, dict) else set()
+    if missing:
+        raise ConfigError(f"--resume={path} is not a train_gpt2.py training checkpoint (no {', '.join(sorted(missing))}"
+                          f"); pass one of the ckpt_NNNNNN.pt files it writes")
+    if first_nonfinite(ckpt["model"]):  # only an older version wrote such files
+        raise ConfigError(f"--resume={path}: weight {first_nonfinite(ckpt['model'])} is NaN or inf; "
+                          f"resume from an older checkpoint with --resume=PATH")
+    # stop_step, start_over and verify_shards belong to one invocation (one job of a split run), not to the run
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "start_over", "verify_shards"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
     values.update(explicit)
     values["resume"] = path
     return ckpt, TrainConfig(**values)
+
+
+def _loads(path):
+    try:
+        return load_checkpoint(path) is not None
+    except ConfigError:
+        return False
 
 
 def train(cfg, explicit=None):
@@ -944,7 +991,7 @@ def train(cfg, explicit=None):
     if cfg.resume:
         ckpt, cfg = resolve_resume(cfg, explicit if explicit is not None else {})
     validate_config(cfg)
-    d = setup_distributed(cfg.device, cfg.backend)
+    d = setup_distributed(cfg.device, cfg.backend, cfg.dist_timeout)
     print0 = print if d.master else (lambda *a, **k: None)
     B, T = cfg.batch_size, cfg.block_size
     if cfg.total_batch_size % (B * T * d.world_size) != 0:
@@ -952,6 +999,8 @@ def train(cfg, explicit=None):
                           f"--block_size * world size = {B}*{T}*{d.world_size}; make it a multiple of "
                           f"{B * T * d.world_size}")
     grad_accum = cfg.total_batch_size // (B * T * d.world_size)
+    # rank 0 locks log_dir (a second trainer there is refused) and picks this run's checkpoint names
+    run = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over) if d.master else None
 
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -961,22 +1010,28 @@ def train(cfg, explicit=None):
         torch.backends.cudnn.allow_tf32 = True
     elif d.device_type == "cpu":
         reuse_freed_memory()  # the step's freed buffers stay for the next step, no page faults
+        # compiled CPU kernels add the embeddings' gradients with atomics, in an order that varies from
+        # run to run; in deterministic mode inductor uses the ordered kernel, and a CPU run repeats bitwise
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-filling of new tensors
     autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
 
     loader, val_sources = build_data(cfg, B, T, d.rank, d.world_size)  # bad --data fails before the model
 
     # model: raw_model holds the weights; model is what training calls (compiled, DDP-wrapped)
-    if cfg.init_from == "scratch":
-        raw_model = GPT(GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-    else:
+    if ckpt is None and cfg.init_from != "scratch":
         raw_model = GPT.from_pretrained(cfg.init_from)
-        if T > raw_model.config.block_size:
-            raise ConfigError(f"--block_size={T} exceeds {cfg.init_from}'s {raw_model.config.block_size}; "
-                              f"pass --block_size={raw_model.config.block_size} or less")
+    else:  # a checkpoint holds every weight: an --init_from source is never read again
+        wanted = GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        if ckpt is not None and cfg.init_from == "scratch":
+            check_model_config(ckpt["model_config"], dataclasses.asdict(wanted), cfg.resume)
+        raw_model = GPT(GPTConfig(**ckpt["model_config"]) if ckpt is not None else wanted)
+    if T > raw_model.config.block_size:
+        raise ConfigError(f"--block_size={T} exceeds {cfg.resume or cfg.init_from}'s {raw_model.config.block_size}; "
+                          f"pass --block_size={raw_model.config.block_size} or less")
     model_config = dataclasses.asdict(raw_model.config)
     if ckpt is not None:
-        check_model_config(ckpt["model_config"], model_config, cfg.resume)
         raw_model.load_state_dict(ckpt["model"])
     raw_model.to(d.device)
     compiled = torch.compile(raw_model) if (cfg.compile if cfg.compile is not None else d.device_type == "cuda") \
@@ -999,8 +1054,8 @@ def train(cfg, explicit=None):
         loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
         start_step, val_loss = ckpt["step"], ckpt["val_loss"]
-        if d.master:
-            truncate_log_to(log_path, ckpt["log_pos"])
+    if d.master:
+        run.begin()
 
     hellaswag_items = None
     if cfg.hellaswag:
@@ -1039,22 +1094,29 @@ def train(cfg, explicit=None):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, on_signal)
 
+    def nonfinite_error(step, what):
+        good = (run.latest or "none") if run else "(see rank 0)"
+        return FloatingPointError(f"step {step}: {what}; last good checkpoint: {good} -- resume from it with "
+                                  f"--resume and a lower --max_lr, or start again with one")
+
     def checkpoint(step):
         if cfg.zero1 and d.world_size > 1:
             optimizer.consolidate_state_dict(to=0)  # collective: every rank takes part
+        bad = first_nonfinite(raw_model.state_dict())  # the same on every rank, so all stop together
+        if bad:
+            raise nonfinite_error(step, f"weight {bad} is NaN or inf, so no checkpoint is written")
         if not d.master:
             return
-        path = os.path.join(cfg.log_dir, f"ckpt_{step:06d}.pt")
-        save_checkpoint(path, {
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "config": dataclasses.asdict(cfg), "model_config": model_config, "val_loss": val_loss,
-            "loader": loader.state_dict(), "rng": rng_state(),
-            "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0,
-        })
-        if cfg.keep_checkpoints > 0:
-            for old in list_checkpoints(cfg.log_dir)[:-cfg.keep_checkpoints]:
-                os.remove(old)
-        print0(f"checkpoint: {path}")
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "config": dataclasses.asdict(cfg), "model_config": model_config, "val_loss": val_loss,
+                 "loader": loader.state_dict(), "rng": rng_state(), "run": run.run, "tag": run.tag,
+                 "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
+        bad = first_nonfinite(state["optimizer"]["state"])
+        if bad:
+            raise nonfinite_error(step, f"optimizer state {bad} is NaN or inf, so no checkpoint is written")
+        save_checkpoint(run.path(step), state)
+        run.saved(run.path(step), cfg.keep_checkpoints)
+        print0(f"checkpoint: {run.path(step)}")
 
     step_times, step = [], start_step
     for step in range(start_step, cfg.max_steps):
@@ -1105,13 +1167,13 @@ def train(cfg, explicit=None):
             group["lr"] = lr
         loss_val, norm_val = loss_accum.item(), norm.item()  # same on every rank: all-reduced
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            good = list_checkpoints(cfg.log_dir)
-            msg = (f"step {step}: non-finite loss {loss_val} / grad norm {norm_val}; "
-                   f"last good checkpoint: {good[-1] if good else 'none'}")
+            what = f"non-finite loss {loss_val} / grad norm {norm_val}"
+            bad = first_nonfinite(raw_model.state_dict())
+            if bad:  # skipping cannot help: the weights themselves are gone
+                raise nonfinite_error(step, f"{what}: weight {bad} is NaN or inf")
             if not cfg.skip_nonfinite:
-                raise FloatingPointError(msg + " -- resume from it with --resume and a lower --max_lr, "
-                                               "or pass --skip_nonfinite=true to skip such steps")
-            print0(msg + " -- step skipped (--skip_nonfinite)")
+                raise nonfinite_error(step, what + " (--skip_nonfinite=true skips such steps)")
+            print0(f"step {step}: {what} -- step skipped (--skip_nonfinite)")
             optimizer.zero_grad(set_to_none=True)
         else:
             optimizer.step()
@@ -1149,19 +1211,9 @@ def train(cfg, explicit=None):
         # can abort ("terminate called without an active exception") and fail the whole job
         dist.barrier()
         dist.destroy_process_group()
+    if run:
+        run.close()
     return summary
-
-
-def truncate_log_to(log_path, pos):
-    """On resume, lines logged after the checkpoint are run again: move them aside, not lose them."""
-    if not os.path.exists(log_path) or os.path.getsize(log_path) <= pos:
-        return
-    with open(log_path, "rb+") as f:
-        f.seek(pos)
-        tail = f.read()
-        with open(log_path + ".superseded", "ab") as side:
-            side.write(tail)
-        f.truncate(pos)
 
 
 def main(argv):
@@ -1179,7 +1231,7 @@ def main(argv):
                     if any(a.startswith(f"--{k}=") or a == f"--{k}" for a in argv)
                     or (cfg.preset and k in PRESETS[cfg.preset])}
         train(cfg, explicit)
-    except ConfigError as e:
+    except (ConfigError, run_dir.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -1,0 +1,182 @@
+"""
+What train_gpt2.py keeps in a --log_dir, and the rules that keep runs from clobbering each other.
+
+- ckpt_{step:06d}.pt: checkpoints of the run started there. ckpt_{step:06d}_b{N}.pt: checkpoints of
+  branch N, a run resumed from an older checkpoint than its line's newest, so the newer files it
+  leaves behind are never overwritten or deleted. Only names of this pattern are listed, loaded by a
+  bare --resume or deleted; clean-up (--keep_checkpoints) deletes only the current line's own files.
+- run.json: the current line: its id, its branch tag, its newest checkpoint (what a bare --resume
+  loads) and which runs' steps log.txt holds.
+- lock: held (flock) by the trainer working here; the OS lets go of it when that process dies.
+"""
+import glob
+import json
+import os
+import re
+import socket
+import uuid
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+CKPT_RE = re.compile(r"ckpt_(\d{6})(?:_(b\d+))?\.pt")
+_held = {}  # log_dir -> its open lock file, for this process
+
+
+class RunDirError(ValueError):
+    """A --log_dir that this run must not use as it is: the message says what to do instead."""
+
+
+def checkpoints(log_dir, tag=None):
+    """Our checkpoints in log_dir as [(step, tag, path)] by step; tag None: of every line."""
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    found = [(int(m[1]), m[2] or "", os.path.join(log_dir, n)) for n in names if (m := CKPT_RE.fullmatch(n))]
+    return sorted(c for c in found if tag is None or c[1] == tag)
+
+
+def read_record(log_dir):
+    try:
+        with open(os.path.join(log_dir, "run.json")) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def latest_checkpoint(log_dir):
+    """The checkpoint a bare --resume loads: the newest of the line run.json names, else of any line."""
+    rec = read_record(log_dir)
+    if rec and rec.get("latest") and os.path.isfile(os.path.join(log_dir, rec["latest"])):
+        return os.path.join(log_dir, rec["latest"])
+    found = checkpoints(log_dir, rec.get("tag", "") if rec else None)
+    return found[-1][2] if found else None
+
+
+def truncate_log_to(log_path, pos):
+    """Log lines past pos are run again (or belong to another run): move them aside, never lose them."""
+    if not os.path.exists(log_path) or os.path.getsize(log_path) <= pos:
+        return
+    with open(log_path, "rb+") as f:
+        f.seek(pos)
+        tail = f.read()
+        with open(log_path + ".superseded", "ab") as side:
+            side.write(tail)
+        f.truncate(pos)
+
+
+def lock(log_dir):
+    """An exclusive flock on log_dir/lock, held for the run: the OS releases it even after kill -9."""
+    key = os.path.realpath(log_dir)
+    if key in _held:  # one process runs one trainer at a time: a lock it still holds is stale
+        _held.pop(key).close()
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        f = open(os.path.join(log_dir, "lock"), "a+")
+    except OSError as e:
+        raise RunDirError(f"--log_dir={log_dir}: cannot write there ({e.strerror}); pass another --log_dir") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without flock: run unlocked
+                return f
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"--log_dir={log_dir} is in use by another training run ({holder}); "
+                              f"wait for it to end or pass another --log_dir") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held[key] = f
+    return f
+
+
+class RunDir:
+    """
+    This run's line in log_dir: a fresh run, the continuation of the resumed checkpoint's line, or (when
+    resumed from an older checkpoint than that line's newest) a new branch. A fresh run in a folder
+    that holds checkpoints is refused unless start_over, which moves them (and run.json, log.txt) into
+    log_dir/old_N/. __init__ locks and checks, changing nothing; begin() sets the folder up.
+    """
+
+    def __init__(self, log_dir, ckpt=None, ckpt_path=None, start_over=False):
+        self.dir, self.lock, self.ckpt, self.latest = log_dir, lock(log_dir), ckpt, ckpt_path
+        for pattern in ("ckpt_*.pt*.tmp", "run.json*.tmp"):  # left by a trainer that died mid-write:
+            for tmp in glob.glob(os.path.join(log_dir, pattern)):  # the lock says none is writing now
+                os.remove(tmp)
+        self.found = checkpoints(log_dir)
+        inside = ckpt is not None and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), log_dir)
+        self.old = None
+        if self.found and not inside:
+            n = next(i for i in range(1, 10**6) if not os.path.exists(os.path.join(log_dir, f"old_{i}")))
+            self.old = os.path.join(log_dir, f"old_{n}")
+            if not start_over:
+                self.close()
+                raise RunDirError(f"--log_dir={log_dir} holds the checkpoints of another run (newest: "
+                                  f"{self.found[-1][2]}); continue it with --resume, pass another --log_dir, or "
+                                  f"add --start_over=true to move its files into {self.old}/ and start there")
+
+    def begin(self):
+        """Moves an earlier run aside (start_over), lines up log.txt with the checkpoint, writes run.json."""
+        rec, log = read_record(self.dir), os.path.join(self.dir, "log.txt")
+        if self.old:
+            os.makedirs(self.old)
+            for path in [p for _, _, p in self.found] + [os.path.join(self.dir, f) for f in
+                                                          ("run.json", "log.txt", "log.txt.superseded")]:
+                if os.path.exists(path):
+                    os.replace(path, os.path.join(self.old, os.path.basename(path)))
+            print(f"--start_over: moved the earlier run's files into {self.old}/")
+            rec, self.found = None, []
+        self.run, self.tag, ckpt = uuid.uuid4().hex[:12], "", self.ckpt
+        if ckpt is None:  # a fresh log; lines of a run that died before its first checkpoint move aside
+            truncate_log_to(log, 0)
+            self.log_runs = [[self.run, 0]]
+            return self._write_record()
+        run, tag, step = ckpt.get("run", ""), ckpt.get("tag", ""), ckpt["step"]
+        # log.txt holds the steps of run log_runs[i][0] from step log_runs[i][1] up to the next entry's
+        log_runs = rec["log"] if rec else [[run, 0]]
+        on_log = [i for i, (r, s) in enumerate(log_runs)
+                  if r == run and s <= step and (i + 1 == len(log_runs) or step <= log_runs[i + 1][1])]
+        if on_log:  # the lines logged after this checkpoint are run again
+            truncate_log_to(log, ckpt["log_pos"])
+            log_runs = log_runs[:on_log[0] + 1]
+        else:  # log.txt describes another line: this one starts it afresh
+            truncate_log_to(log, 0)
+            log_runs = [[run, step]]
+        newer = [p for s, t, p in self.found if t == tag and s > step]
+        if newer:  # the line went on past this checkpoint: branch off, leaving those files as they are
+            used = [int(t[1:]) for _, t, _ in self.found if t] + [int(rec["tag"][1:]) if rec and rec.get("tag") else 0]
+            self.tag = f"b{max(used) + 1}"
+            log_runs.append([self.run, step])
+            print(f"{newer[-1]} is newer than the checkpoint resumed: this run is branch {self.tag}, writing "
+                  f"ckpt_NNNNNN_{self.tag}.pt and leaving that line's files as they are")
+        else:
+            self.run, self.tag = run, tag
+        self.log_runs = log_runs
+        self._write_record()
+
+    def path(self, step):
+        return os.path.join(self.dir, f"ckpt_{step:06d}{'_' + self.tag if self.tag else ''}.pt")
+
+    def saved(self, path, keep):
+        """Records path as the line's newest checkpoint, then deletes all but the line's newest keep."""
+        self.latest = path
+        self._write_record()
+        if keep > 0:
+            for _, _, old in checkpoints(self.dir, self.tag)[:-keep]:
+                os.remove(old)
+
+    def _write_record(self):
+        latest = self.latest and (os.path.basename(self.latest) if os.path.samefile(
+            os.path.dirname(os.path.abspath(self.latest)), self.dir) else os.path.abspath(self.latest))
+        tmp = os.path.join(self.dir, f"run.json.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"run": self.run, "tag": self.tag, "latest": latest, "log": self.log_runs}, f)
+        os.replace(tmp, os.path.join(self.dir, "run.json"))
+
+    def close(self):
+        _held.pop(os.path.realpath(self.dir), None)
+        self.lock.close()  # closing the file releases the flock
