@@ -796,16 +796,23 @@ def first_nonfinite(state, name=""):
     return next((bad for k, v in state if (bad := first_nonfinite(v, f"{name}.{k}".lstrip(".")))), None)
 
 
-def load_checkpoint(path):
+class UnreadableCheckpoint(ConfigError):
+    """A checkpoint file that torch.load cannot read (truncated, say)."""
+
+
+def load_checkpoint(path, keys=("model", "model_config")):
+    """One of our checkpoints, with at least keys in it; anything else is a one-line ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().split("\n")[0]  # torch's messages run to many lines
-        raise ConfigError(f"checkpoint {path} could not be read ({first}); pass a ckpt_*.pt from a --log_dir") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-        raise ConfigError(f"{path} is not a train_gpt2.py checkpoint (no model and model_config in it); "
+        raise UnreadableCheckpoint(f"checkpoint {path} could not be read ({first}); "
+                                   f"pass a ckpt_*.pt from a --log_dir") from None
+    missing = sorted(set(keys) - (set(ckpt) if isinstance(ckpt, dict) else set()))
+    if missing:
+        raise ConfigError(f"{path} is not a train_gpt2.py checkpoint (no {', '.join(missing)} in it); "
                           f"pass a ckpt_*.pt from a --log_dir")
     return ckpt
 
@@ -951,10 +958,9 @@ def resolve_resume(cfg, explicit):
         raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in --log_dir={cfg.log_dir}; "
                           f"start without --resume or pass --resume=PATH")
     try:
-        ckpt = load_checkpoint(path)
-    except ConfigError as e:
-        if not os.path.isfile(path):
-            raise
+        ckpt = load_checkpoint(path, ("model", "optimizer", "step", "config", "model_config", "loader", "rng",
+                                      "log_pos"))
+    except UnreadableCheckpoint as e:
         # a damaged file (truncated, say): name the newest older checkpoint of its line that loads
         m = run_dir.CKPT_RE.fullmatch(os.path.basename(path))
         step, tag = (int(m[1]), m[2] or "") if m else (math.inf, None)
@@ -962,11 +968,6 @@ def resolve_resume(cfg, explicit):
         intact = next((p for p in older if _loads(p)), None)
         raise ConfigError(f"{e}; " + (f"the newest intact one before it is {intact}: resume with --resume={intact}"
                                       if intact else "no older intact checkpoint is there")) from None
-    missing = {"model", "optimizer", "step", "config", "model_config", "loader", "rng", "log_pos"}
-    missing -= set(ckpt) if isinstance(ckpt, dict) else set()
-    if missing:
-        raise ConfigError(f"--resume={path} is not a train_gpt2.py training checkpoint (no {', '.join(sorted(missing))}"
-                          f"); pass one of the ckpt_NNNNNN.pt files it writes")
     if first_nonfinite(ckpt["model"]):  # only an older version wrote such files
         raise ConfigError(f"--resume={path}: weight {first_nonfinite(ckpt['model'])} is NaN or inf; "
                           f"resume from an older checkpoint with --resume=PATH")

@@ -105,7 +105,7 @@ def test_a_file_that_is_not_our_checkpoint_is_one_line(data, tmp_path, capsys):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     assert train(data, tmp_path / "log", f"--resume={tmp_path / 'other.pt'}") == 2
     err = one_line_error(capsys)
-    assert "other.pt is not a train_gpt2.py training checkpoint (no config, " in err
+    assert "other.pt is not a train_gpt2.py checkpoint (no config, " in err
 
 
 def poison_weights_after(monkeypatch, n, poison):
