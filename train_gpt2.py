@@ -164,13 +164,25 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, so each sampled token costs one position."""
+    """
+    Keys and values of every layer, preallocated at block_size. A new token writes its own position
+    and attention masks out the positions not filled yet, so a decode step has the same shapes at
+    every position: it compiles once and can be captured as a CUDA graph.
+    """
 
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, hs)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # positions filled so far
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked, but never NaN
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions filled, kept on the device
+
+    def update(self, layer, k, v):
+        """Writes k, v (B, nh, T, hs) at positions pos, pos+1, ...; all keys, values, and the (T, block_size) mask."""
+        q_pos = self.pos + torch.arange(k.size(2), device=k.device)
+        self.kv[layer, 0].index_copy_(2, q_pos, k)
+        self.kv[layer, 1].index_copy_(2, q_pos, v)
+        mask = torch.arange(self.kv.size(4), device=k.device) <= q_pos[:, None]  # key j visible to query i
+        return self.kv[layer, 0], self.kv[layer, 1], mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -191,25 +203,16 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        mask, causal = None, True
-        if cache is not None:  # write this chunk's k, v after the cached ones and attend to all
-            p = cache.pos
-            cache.kv[self.layer_idx, 0, :, :, p:p + T] = k
-            cache.kv[self.layer_idx, 1, :, :, p:p + T] = v
-            k, v = cache.kv[self.layer_idx, 0, :, :, :p + T], cache.kv[self.layer_idx, 1, :, :, :p + T]
-            if p > 0:  # query i sits at position p + i and sees keys 0 .. p + i
-                causal = False
-                if T > 1:
-                    mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
+        mask = None  # None: causal over this chunk alone
+        if cache is not None:  # attend to the whole preallocated cache, masked to the filled positions
+            k, v, mask = cache.update(self.layer_idx, k, v)
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:  # the textbook version, kept for the speed ladder in bench.py
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            if causal:
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            y = F.softmax(att, dim=-1) @ v
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.c_proj(y)
 
@@ -368,10 +371,11 @@ class GPT(nn.Module):
     def hidden_states(self, idx, cache=None):
         """The final LayerNorm's output (B, T, C): what the head reads (HellaSwag heads only a few rows)."""
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        if cache is not None:
+            pos = pos + cache.pos  # a device tensor: no host sync, one graph for every position
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache)
@@ -449,35 +453,79 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * L * H * Q * T
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
-        """Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, compile=None):
+        """
+        Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling.
+        With the cache, the prompt is one forward and every further token one fixed-shape decode step
+        over preallocated buffers, with no host sync until the end. compile (default: on CUDA) compiles
+        that step, on CUDA into a CUDA graph: a token is then one graph launch, not ~150 kernel launches.
+        Past block_size, or with use_cache=False, each token recomputes the cropped window.
+        """
         was_training = self.training
         self.eval()
-        cache, fed = None, 0  # fed: how many tokens of idx the cache already holds
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= self.config.block_size:
-                if cache is None:
-                    dtype = self.transformer.wte.weight.dtype
-                    if torch.is_autocast_enabled(idx.device.type):  # k, v come in its dtype: store them so
-                        dtype = torch.get_autocast_dtype(idx.device.type)
-                    cache = KVCache(self.config, idx.size(0), idx.device, dtype)
-                logits, _ = self(idx[:, fed:], cache=cache)
-                fed = idx.size(1)
-            else:  # no cache, or the context outgrew block_size: recompute the cropped window
-                logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat((idx, next_id), dim=1)
+        (B, P), V = idx.shape, self.config.vocab_size
+        n = min(max_new_tokens, self.config.block_size + 1 - P) if use_cache else 0  # tokens the cache holds
+        if n > 0:
+            out, cache, noise, step = self._decoder(B, idx.device, compile)
+            cache.pos.zero_()
+            out[:, :P] = idx
+            if temperature:
+                noise.exponential_(generator=generator)
+            x = self.hidden_states(idx, cache)[:, -1]  # the head only at the last position
+            out[:, P] = sample_next(self.lm_head(x)[:, :V], temperature, top_k, noise)
+            for _ in range(n - 1):
+                if temperature:
+                    noise.exponential_(generator=generator)  # the caller's generator, outside the graph
+                step(out, cache, noise, temperature, top_k)
+            idx = out[:, :P + n].clone()
+        for _ in range(max_new_tokens - max(n, 0)):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            noise = torch.empty(B, V, device=idx.device).exponential_(generator=generator) if temperature else None
+            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, noise)[:, None]), dim=1)
         self.train(was_training)
         return idx
+
+    def _decode_step(self, out, cache, noise, temperature, top_k):
+        """Feeds the token at position cache.pos of out (B, block_size + 1) and writes the next one after it."""
+        at = cache.pos.repeat(out.size(0), 1)  # (B, 1), a copy: cache.pos moves on in hidden_states
+        x = self.hidden_states(out.gather(1, at), cache)[:, -1]
+        out.scatter_(1, at + 1, sample_next(self.lm_head(x)[:, :self.config.vocab_size], temperature, top_k, noise)[:, None])
+
+    def _decoder(self, batch_size, device, compile):
+        """(tokens, KV cache, noise, decode step), kept between calls: fixed addresses, one CUDA graph capture."""
+        dtype = self.transformer.wte.weight.dtype
+        if torch.is_autocast_enabled(device.type):  # k, v come in autocast's dtype: store them so
+            dtype = torch.get_autocast_dtype(device.type)
+        compile = device.type == "cuda" if compile is None else compile
+        key = (batch_size, str(device), dtype, compile)
+        if getattr(self, "_decode_state", (None,))[0] != key:
+            out = torch.zeros(batch_size, self.config.block_size + 1, dtype=torch.long, device=device)
+            cache = KVCache(self.config, batch_size, device, dtype)
+            noise = torch.ones(batch_size, self.config.vocab_size, device=device)
+            step = self._decode_step
+            if compile:
+                for t in (out, cache.kv, cache.pos, noise):  # written in place by the graph, never copied in
+                    torch._dynamo.mark_static_address(t)
+                step = torch.compile(step, fullgraph=True, dynamic=False,
+                                     mode="reduce-overhead" if device.type == "cuda" else None)
+            self._decode_state = (key, (out, cache, noise, step))
+        return self._decode_state[1]
+
+
+def sample_next(logits, temperature, top_k, noise):
+    """
+    Next ids (B,) from logits (B, V): the argmax at temperature 0, else a top-k sample taken as
+    argmax(probs / noise) with noise ~ Exp(1) (the exponential race: i wins with probability probs[i]).
+    The noise comes from the caller's generator outside any graph, so this runs inside one.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return (F.softmax(logits, dim=-1) / noise.clamp(min=1e-30)).argmax(dim=-1)
 
 # ----------------------------------------------------------------------------------------------
 # Data: one token stream over tiny shakespeare or FineWeb-Edu shards, sliced across ranks
