@@ -466,7 +466,10 @@ class GPT(nn.Module):
         (B, P), V = idx.shape, self.config.vocab_size
         n = min(max_new_tokens, self.config.block_size + 1 - P) if use_cache else 0  # tokens the cache holds
         if n > 0:
-            out, cache, noise, step = self._decoder(B, idx.device, compile)
+            out, cache, noise, weights, step = self._decoder(B, idx.device, compile)
+            params = dict(self.named_parameters(remove_duplicate=False))
+            for name, w in weights.items():  # this call's weights, cast once here rather than every token
+                w.copy_(params[name])
             cache.pos.zero_()
             out[:, :P] = idx
             if temperature:
@@ -476,7 +479,7 @@ class GPT(nn.Module):
             for _ in range(n - 1):
                 if temperature:
                     noise.exponential_(generator=generator)  # the caller's generator, outside the graph
-                step(out, cache, noise, temperature, top_k)
+                step(out, cache, noise, weights, temperature, top_k)
             idx = out[:, :P + n].clone()
         for _ in range(max_new_tokens - max(n, 0)):
             logits, _ = self(idx[:, -self.config.block_size:])
@@ -485,14 +488,20 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
-    def _decode_step(self, out, cache, noise, temperature, top_k):
+    def _decode_step(self, out, cache, noise, weights, temperature, top_k):
         """Feeds the token at position cache.pos of out (B, block_size + 1) and writes the next one after it."""
-        at = cache.pos.repeat(out.size(0), 1)  # (B, 1), a copy: cache.pos moves on in hidden_states
-        x = self.hidden_states(out.gather(1, at), cache)[:, -1]
-        out.scatter_(1, at + 1, sample_next(self.lm_head(x)[:, :self.config.vocab_size], temperature, top_k, noise)[:, None])
+        at = cache.pos.repeat(out.size(0), 1)  # (B, 1), a copy: cache.pos moves on in the forward
+        args, kwargs = (out.gather(1, at),), {"cache": cache}
+        logits, _ = (torch.func.functional_call(self, weights, args, kwargs, tie_weights=False) if weights
+                     else self(*args, **kwargs))
+        out.scatter_(1, at + 1, sample_next(logits[:, -1], temperature, top_k, noise)[:, None])
 
     def _decoder(self, batch_size, device, compile):
-        """(tokens, KV cache, noise, decode step), kept between calls: fixed addresses, one CUDA graph capture."""
+        """
+        (tokens, KV cache, noise, weights, decode step), kept between calls: fixed addresses, one CUDA
+        graph capture. weights: the matmul weights in autocast's dtype for the compiled step, which would
+        otherwise cast all of them again at every token (eager autocast keeps its casts for the call).
+        """
         dtype = self.transformer.wte.weight.dtype
         if torch.is_autocast_enabled(device.type):  # k, v come in autocast's dtype: store them so
             dtype = torch.get_autocast_dtype(device.type)
@@ -502,13 +511,15 @@ class GPT(nn.Module):
             out = torch.zeros(batch_size, self.config.block_size + 1, dtype=torch.long, device=device)
             cache = KVCache(self.config, batch_size, device, dtype)
             noise = torch.ones(batch_size, self.config.vocab_size, device=device)
+            weights = {f"{name}.weight": torch.empty_like(m.weight, dtype=dtype) for name, m in self.named_modules()
+                       if isinstance(m, nn.Linear) and compile and m.weight.dtype != dtype}
             step = self._decode_step
             if compile:
-                for t in (out, cache.kv, cache.pos, noise):  # written in place by the graph, never copied in
+                for t in (out, cache.kv, cache.pos, noise, *weights.values()):  # written in place by the graph, never copied in
                     torch._dynamo.mark_static_address(t)
                 step = torch.compile(step, fullgraph=True, dynamic=False,
                                      mode="reduce-overhead" if device.type == "cuda" else None)
-            self._decode_state = (key, (out, cache, noise, step))
+            self._decode_state = (key, (out, cache, noise, weights, step))
         return self._decode_state[1]
 
 

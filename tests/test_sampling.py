@@ -51,13 +51,20 @@ def test_compiled_decode_step_same_tokens_one_graph(pair):
     sampled = [ours.generate(prompt, 25, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(3),
                              **kw) for kw in (dict(compile=True), dict(compile=False), dict(use_cache=False))]
     assert torch.equal(sampled[0], sampled[1]) and torch.equal(sampled[1], sampled[2])
+    # bf16 autocast, as training samples: the compiled step runs on weights cast once per call, eager
+    # autocast casts them itself; the tokens are the same, and the same as Hugging Face's under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled = ours.generate(prompt, 30, temperature=0, compile=True)
+        assert ours._decode_state[1][3]["lm_head.weight"].dtype == torch.bfloat16
+        assert torch.equal(compiled, ours.generate(prompt, 30, temperature=0, compile=False))
+        assert torch.equal(compiled, hf_greedy(hf, prompt, 30))
 
 
 def test_cache_buffers_are_reused_and_positions_stay_on_device(pair):
     ours, _ = pair
     prompt = torch.randint(0, 300, (3, 4))
     ours.generate(prompt, 5, temperature=0, compile=False)
-    out, cache, noise, _ = ours._decode_state[1]
+    out, cache = ours._decode_state[1][:2]
     ours.generate(prompt[:, :2], 9, temperature=0, compile=False)
     assert ours._decode_state[1][1] is cache  # same batch, device, dtype: the same preallocated buffers
     assert cache.pos.dim() == 0 and cache.pos.item() == 2 + 9 - 1  # the last new token is never fed back
