@@ -502,8 +502,9 @@ def print_check(report):
         rows.append(("HellaSwag scoring", h["error"], "", ""))
     elif h:
         rows.append((f"HellaSwag, {h['items']} items: one per forward", f"{h['single_items_s']:.1f} items/s", "", ""))
-        rows.append((f"HellaSwag, {h['items']} items: {h['batch_size']} per forward", f"{h['batched_items_s']:.1f} items/s",
-                     f"{h['speedup']:.2f}x one per forward", f"same predictions {h['same_predictions'] * 100:.0f}%"))
+        rows.append((f"HellaSwag, {h['items']} items: {h['batch_size']} per forward",
+                     f"{h['batched_items_s']:.1f} items/s", f"{h['speedup']:.2f}x one per forward",
+                     f"same predictions {h['same_predictions'] * 100:.0f}%"))
     rows.append(("micro-batch train_gpt2.py picks here (--batch_size=0)", str(report.get("auto_batch_size")), "", ""))
     rows.append(("SDPA kernel of the training path", report.get("sdpa_kernel", "-"), "", ""))
     rows.append(("peak memory, whole run", fmt_bytes(report["peak_mem_bytes"]) if report.get("peak_mem_bytes") else "-",

@@ -164,20 +164,16 @@ class GPTConfig:
 
 
 class KVCache:
-    """
-    Keys and values of every layer, preallocated at block_size. A new token writes its own position
-    and attention masks out the positions not filled yet, so a decode step has the same shapes at
-    every position: it compiles once and can be captured as a CUDA graph.
-    """
+    """Keys and values of every layer, preallocated at block_size and masked past the filled positions:
+    a decode step has the same shapes at every position, so it compiles once and fits in a CUDA graph."""
 
     def __init__(self, config, batch_size, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, hs)
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked, but never NaN
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions filled, kept on the device
 
     def update(self, layer, k, v):
-        """Writes k, v (B, nh, T, hs) at positions pos, pos+1, ...; all keys, values, and the (T, block_size) mask."""
+        """Writes k, v (B, nh, T, hs) at positions pos..; returns all keys, values and the (T, block_size) mask."""
         q_pos = self.pos + torch.arange(k.size(2), device=k.device)
         self.kv[layer, 0].index_copy_(2, q_pos, k)
         self.kv[layer, 1].index_copy_(2, q_pos, v)
@@ -373,9 +369,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        if cache is not None:
-            pos = pos + cache.pos  # a device tensor: no host sync, one graph for every position
+        # with a cache, positions start at cache.pos, a device tensor: no host sync, one graph for all positions
+        pos = torch.arange(T, device=idx.device) + (cache.pos if cache is not None else 0)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache)
@@ -456,9 +451,8 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, compile=None):
         """
         Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling.
-        With the cache, the prompt is one forward and every further token one fixed-shape decode step
-        over preallocated buffers, with no host sync until the end. compile (default: on CUDA) compiles
-        that step, on CUDA into a CUDA graph: a token is then one graph launch, not ~150 kernel launches.
+        With the cache: the prompt in one forward, then one fixed-shape decode step per token with no
+        host sync; compile (default: on CUDA) compiles it, on CUDA into one CUDA graph launch per token.
         Past block_size, or with use_cache=False, each token recomputes the cropped window.
         """
         was_training = self.training
@@ -467,9 +461,8 @@ class GPT(nn.Module):
         n = min(max_new_tokens, self.config.block_size + 1 - P) if use_cache else 0  # tokens the cache holds
         if n > 0:
             out, cache, noise, weights, step = self._decoder(B, idx.device, compile)
-            params = dict(self.named_parameters(remove_duplicate=False))
             for name, w in weights.items():  # this call's weights, cast once here rather than every token
-                w.copy_(params[name])
+                w.copy_(self.get_parameter(name))
             cache.pos.zero_()
             out[:, :P] = idx
             if temperature:
@@ -491,20 +484,14 @@ class GPT(nn.Module):
     def _decode_step(self, out, cache, noise, weights, temperature, top_k):
         """Feeds the token at position cache.pos of out (B, block_size + 1) and writes the next one after it."""
         at = cache.pos.repeat(out.size(0), 1)  # (B, 1), a copy: cache.pos moves on in the forward
-        args, kwargs = (out.gather(1, at),), {"cache": cache}
-        logits, _ = (torch.func.functional_call(self, weights, args, kwargs, tie_weights=False) if weights
-                     else self(*args, **kwargs))
+        logits, _ = torch.func.functional_call(self, weights, (out.gather(1, at),), {"cache": cache}, tie_weights=False)
         out.scatter_(1, at + 1, sample_next(logits[:, -1], temperature, top_k, noise)[:, None])
 
     def _decoder(self, batch_size, device, compile):
-        """
-        (tokens, KV cache, noise, weights, decode step), kept between calls: fixed addresses, one CUDA
-        graph capture. weights: the matmul weights in autocast's dtype for the compiled step, which would
-        otherwise cast all of them again at every token (eager autocast keeps its casts for the call).
-        """
-        dtype = self.transformer.wte.weight.dtype
-        if torch.is_autocast_enabled(device.type):  # k, v come in autocast's dtype: store them so
-            dtype = torch.get_autocast_dtype(device.type)
+        """(tokens, KV cache, noise, weights, step), kept between calls: fixed addresses, one CUDA graph capture.
+        weights: matmul weights in autocast's dtype, cast once per call; compiled, autocast recasts every token."""
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)  # k, v's dtype
+                 else self.transformer.wte.weight.dtype)
         compile = device.type == "cuda" if compile is None else compile
         key = (batch_size, str(device), dtype, compile)
         if getattr(self, "_decode_state", (None,))[0] != key:
@@ -512,10 +499,10 @@ class GPT(nn.Module):
             cache = KVCache(self.config, batch_size, device, dtype)
             noise = torch.ones(batch_size, self.config.vocab_size, device=device)
             weights = {f"{name}.weight": torch.empty_like(m.weight, dtype=dtype) for name, m in self.named_modules()
-                       if isinstance(m, nn.Linear) and m.weight.dtype != dtype}
+                       if isinstance(m, nn.Linear) and compile and m.weight.dtype != dtype}
             step = self._decode_step
             if compile:
-                for t in (out, cache.kv, cache.pos, noise, *weights.values()):  # written in place by the graph, never copied in
+                for t in (out, cache.kv, cache.pos, noise, *weights.values()):  # used in place, never copied in
                     torch._dynamo.mark_static_address(t)
                 step = torch.compile(step, fullgraph=True, dynamic=False,
                                      mode="reduce-overhead" if device.type == "cuda" else None)
@@ -524,11 +511,8 @@ class GPT(nn.Module):
 
 
 def sample_next(logits, temperature, top_k, noise):
-    """
-    Next ids (B,) from logits (B, V): the argmax at temperature 0, else a top-k sample taken as
-    argmax(probs / noise) with noise ~ Exp(1) (the exponential race: i wins with probability probs[i]).
-    The noise comes from the caller's generator outside any graph, so this runs inside one.
-    """
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a top-k sample as argmax(probs / noise),
+    noise ~ Exp(1) drawn outside (the exponential race: i wins with probability probs[i]); no RNG in a graph."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -879,30 +863,23 @@ def setup_distributed(device="auto", backend="auto"):
 
 
 def attention_kernels():
-    """
-    SDPA kernels in order of preference: cuDNN's (on Hopper the fastest at T=1024, hs=64, yet tried
-    last by default since PyTorch 2.5.1), then flash, memory-efficient, math. A kernel is skipped where
-    it is absent (CPU, older GPUs) or cannot take the call; compile fixes the choice when it traces.
-    """
+    """SDPA kernels by preference: cuDNN's (fastest on Hopper, yet tried last by default since PyTorch 2.5.1),
+    flash, memory-efficient, math; each skipped where absent (CPU, older GPUs). Compile fixes it at tracing."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.MATH], set_priority=True)
 
 
 def auto_batch_size(cfg, d):
-    """
-    --batch_size=0: 64 sequences off CUDA; on a GPU the largest of 128, 64, 32, ... that divides the
-    step and whose predicted peak fits in 80% of the free memory. The prediction, from 24.9 GB measured
-    for GPT-2 124M at B=64, T=1024 on an H100: 16 bytes per parameter (weights, grads, AdamW's two
-    moments) + 40 bytes per token, layer and channel of activations. 124M gets 128 on an 80 GB GPU.
-    """
+    """--batch_size=0: 64 off CUDA; on a GPU the largest of 128, 64, ... that divides the step and whose peak fits
+    80% of free memory, predicted from 24.9 GB measured for 124M at B=64, T=1024 on an H100: 16 bytes per
+    parameter (weights, grads, AdamW moments) + 40 per token, layer and channel. 124M: 128 on 80 GB."""
     if d.device_type != "cuda":
         return 64
     free = torch.cuda.mem_get_info(d.device)[0]
-    n_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + 50304 * cfg.n_embd
-    fits = [b for b in (128, 64, 32, 16, 8, 4, 2, 1) if cfg.total_batch_size % (b * cfg.block_size * d.world_size) == 0
-            and 16 * n_params + 40 * b * cfg.block_size * cfg.n_layer * cfg.n_embd <= 0.8 * free]
-    return fits[0] if fits else 1
+    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+    return next((b for b in (128, 64, 32, 16, 8, 4, 2) if cfg.total_batch_size % (b * T * d.world_size) == 0
+                 and 16 * (12 * L * C * C + 50304 * C) + 40 * b * T * L * C <= 0.8 * free), 1)
 
 
 def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
@@ -1054,7 +1031,8 @@ def train(cfg, explicit=None):
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M params | device {d.device} x {d.world_size} | "
-           f"micro-batch {B}{'' if cfg.batch_size else ' (auto)'} | grad accum {grad_accum} | {cfg.total_batch_size} tokens/step | measured peak "
+           f"micro-batch {B}{'' if cfg.batch_size else ' (auto)'} | grad accum {grad_accum} | "
+           f"{cfg.total_batch_size} tokens/step | measured peak "
            f"{peak / 1e12:.2f} TFLOP/s per device" + (f" | resuming at step {start_step}" if ckpt else ""))
 
     # preemption and Ctrl-C: finish the step, checkpoint, exit; a second signal kills at once
