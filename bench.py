@@ -234,6 +234,8 @@ def prepare(rung, res, args, x, y, hf_weights, device, log, alone):
             res["warmup_s"] = time.perf_counter() - t0  # includes compile
             res["peak_mem_bytes"] = state_bytes(model, optimizer) + step_memory(step, x, y, device_type)
             res["micro_batches"] = splits
+            if rung.key == args.profile_rung:
+                res["attention_kernels"] = attention_kernels_seen(step, x, y)
             return step
         except torch.cuda.OutOfMemoryError:
             pass  # leaving the except block drops the traceback, and with it the frames holding the model
@@ -248,6 +250,16 @@ def prepare(rung, res, args, x, y, hf_weights, device, log, alone):
         log(f"  {rung.key}: out of memory alone: the batch as {splits} micro-batches")
     res["error"] = "out of memory, even one sequence per micro-batch"
     return None
+
+
+def attention_kernels_seen(step, x, y):
+    """The attention kernels (on a GPU) or ops (on a CPU) that the profiler sees in one step."""
+    from torch.profiler import profile
+    with profile() as prof:
+        step(x, y)
+        synchronize(x.device.type)
+    names = {e.key for e in prof.key_averages() if not (x.is_cuda and e.key.startswith("aten::"))}
+    return sorted(n[:100] for n in names if any(w in n.lower() for w in ("attention", "fmha", "flash", "sdpa")))[:8]
 
 
 def time_rounds(live, args, device, peaks, log):
@@ -507,6 +519,8 @@ def print_check(report):
                      f"same predictions {h['same_predictions'] * 100:.0f}%"))
     rows.append(("micro-batch train_gpt2.py picks here (--batch_size=0)", str(report.get("auto_batch_size")), "", ""))
     rows.append(("SDPA kernel of the training path", report.get("sdpa_kernel", "-"), "", ""))
+    seen = next((r["attention_kernels"] for r in rungs if r.get("attention_kernels")), [])
+    rows.append(("attention kernels in one step of ours (profiler)", "; ".join(seen) or "-", "", ""))
     rows.append(("peak memory, whole run", fmt_bytes(report["peak_mem_bytes"]) if report.get("peak_mem_bytes") else "-",
                  "", ""))
     rows.append(("wall time", f"{report['wall_s']:.0f} s", "", ""))
@@ -619,6 +633,7 @@ def main(argv=None, log=print):
     if args.mode == "auto":  # a GPU's step time does not depend on other processes; its memory does
         args.mode = "isolated" if device_type == "cuda" else "interleaved"
     rungs = select_rungs(p, args, device_type)
+    args.profile_rung = rungs[-1].key if args.check else None  # which attention kernel runs, seen by the profiler
     # as train_gpt2.py does on a CPU; process-wide, so every rung, Hugging Face's too, runs with it
     malloc_tuned = device_type == "cpu" and reuse_freed_memory()
 
@@ -630,7 +645,7 @@ def main(argv=None, log=print):
     name = (torch.cuda.get_device_name(device) if device_type == "cuda"
             else f"cpu, {torch.get_num_threads()} threads" + (", malloc keeps freed memory" if malloc_tuned else ""))
     report = {"device": name, "device_type": device_type, "torch": torch.__version__,
-              "config": {k: v for k, v in vars(args).items() if k not in ("json", "quick")},
+              "config": {k: v for k, v in vars(args).items() if k not in ("json", "quick", "profile_rung")},
               "flops_per_token": flops_per_token, "runs": []}
     batches = list(args.B)
     if args.check:  # then ours at the micro-batch train_gpt2.py picks for this model on this device

@@ -448,11 +448,12 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * L * H * Q * T
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, compile=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, compile=False):
         """
         Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling.
         With the cache: the prompt in one forward, then one fixed-shape decode step per token with no
-        host sync; compile (default: on CUDA) compiles it, on CUDA into one CUDA graph launch per token.
+        host sync. compile=True compiles it, on CUDA into one CUDA graph launch per token: worth its ~1 min
+        compile for long or repeated generation, not for a few short samples during training.
         Past block_size, or with use_cache=False, each token recomputes the cropped window.
         """
         was_training = self.training
@@ -492,7 +493,6 @@ class GPT(nn.Module):
         weights: matmul weights in autocast's dtype, cast once per call; compiled, autocast recasts every token."""
         dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)  # k, v's dtype
                  else self.transformer.wte.weight.dtype)
-        compile = device.type == "cuda" if compile is None else compile
         key = (batch_size, str(device), dtype, compile)
         if getattr(self, "_decode_state", (None,))[0] != key:
             out = torch.zeros(batch_size, self.config.block_size + 1, dtype=torch.long, device=device)

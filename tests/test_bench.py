@@ -130,6 +130,8 @@ def test_gpu_check_runs_on_a_cpu_with_a_tiny_model(tmp_path):
     assert "error" not in h, h
     assert h["items"] == 6 and h["single_items_s"] > 0 and h["batched_items_s"] > 0 and h["same_predictions"] == 1.0
     assert report["sdpa_kernel"] == "FLASH_ATTENTION"  # on a CPU: cuDNN is absent, flash comes next
+    # and the profiler sees that kernel run in one step of our path
+    assert any("flash_attention" in k for k in report["runs"][0]["rungs"][-1]["attention_kernels"])
 
 
 def test_unknown_rung_is_an_error(capsys):
