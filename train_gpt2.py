@@ -168,17 +168,19 @@ class KVCache:
     a decode step has the same shapes at every position, so it compiles once and fits in a CUDA graph."""
 
     def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # zeros: masked, but never NaN
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        # one tensor per layer and k/v (zeros: masked, but never NaN), so each is written in place, not
+        # copied whole as a slice of one big tensor would be in a compiled graph
+        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv")
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions filled, kept on the device
 
     def update(self, layer, k, v):
         """Writes k, v (B, nh, T, hs) at positions pos..; returns all keys, values and the (T, block_size) mask."""
         q_pos = self.pos + torch.arange(k.size(2), device=k.device)
-        self.kv[layer, 0].index_copy_(2, q_pos, k)
-        self.kv[layer, 1].index_copy_(2, q_pos, v)
-        mask = torch.arange(self.kv.size(4), device=k.device) <= q_pos[:, None]  # key j visible to query i
-        return self.kv[layer, 0], self.kv[layer, 1], mask
+        self.k[layer].index_copy_(2, q_pos, k)
+        self.v[layer].index_copy_(2, q_pos, v)
+        mask = torch.arange(self.k[layer].size(2), device=k.device) <= q_pos[:, None]  # key j visible to query i
+        return self.k[layer], self.v[layer], mask
 
 
 class CausalSelfAttention(nn.Module):
@@ -502,7 +504,7 @@ class GPT(nn.Module):
                        if isinstance(m, nn.Linear) and compile and m.weight.dtype != dtype}
             step = self._decode_step
             if compile:
-                for t in (out, cache.kv, cache.pos, noise, *weights.values()):  # used in place, never copied in
+                for t in (out, *cache.k, *cache.v, cache.pos, noise, *weights.values()):  # used in place, not copied
                     torch._dynamo.mark_static_address(t)
                 step = torch.compile(step, fullgraph=True, dynamic=False,
                                      mode="reduce-overhead" if device.type == "cuda" else None)
@@ -513,10 +515,9 @@ class GPT(nn.Module):
 def sample_next(logits, temperature, top_k, noise):
     """Next ids (B,) from logits (B, V): argmax at temperature 0, else a top-k sample as argmax(probs / noise),
     noise ~ Exp(1) drawn outside (the exponential race: i wins with probability probs[i]); no RNG in a graph."""
-    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
+        return logits.argmax(dim=-1)  # the same index in any dtype: no fp32 copy
+    logits = logits.float() / temperature
     if top_k:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))

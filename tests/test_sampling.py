@@ -68,7 +68,7 @@ def test_cache_buffers_are_reused_and_positions_stay_on_device(pair):
     ours.generate(prompt[:, :2], 9, temperature=0, compile=False)
     assert ours._decode_state[1][1] is cache  # same batch, device, dtype: the same preallocated buffers
     assert cache.pos.dim() == 0 and cache.pos.item() == 2 + 9 - 1  # the last new token is never fed back
-    assert cache.kv.shape[-2] == ours.config.block_size and out.shape == (3, ours.config.block_size + 1)
+    assert cache.k[0].shape[-2] == ours.config.block_size and out.shape == (3, ours.config.block_size + 1)
 
 
 def test_masked_cache_attention_equals_one_pass(pair):
