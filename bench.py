@@ -7,10 +7,13 @@ against a matmul peak measured on the same device in the same run, so it is hone
     python bench.py --quick                          # HF fp32, our baseline and our full path only
     python bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --T=1024 --B=16   # the ladder on a GPU
     python bench.py --preset=gpt2-h100 --json=h100.json   # GPT-2 124M, T=1024, bf16 + compile, B=16/32/64
+    python bench.py --check --json=gpu.json               # the prepared GPU check: one table, ~5 min on an H100
+    python bench.py --check --tiny                        # the same on a CPU with a tiny model, in seconds
     python bench.py --help
 
-Rungs run interleaved, one step of each per round, so load from other processes falls on all of
-them alike; every figure is a median over the rounds, and so is the peak (probed once per round).
+On a CPU rungs run interleaved, one step of each per round, so load from other processes falls on all
+of them alike; on a GPU each rung is built, timed and freed alone (--mode). Every figure is a median
+over the rounds, and so is the peak (probed once per round).
 All rungs start from the same weights and see the same batch (loss@0 shows it). FLOPs per token are
 GPT.flops_per_token() of the unpadded model at the run's T (6N + attention, PaLM appendix B), the
 same for every rung. Until the fused AdamW rung, HF and ours use AdamW(fused=False, foreach=False).
