@@ -1032,7 +1032,7 @@ def train(cfg, explicit=None):
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M params | device {d.device} x {d.world_size} | "
-           f"micro-batch {B}{'' if cfg.batch_size else ' (auto)'} | grad accum {grad_accum} | "
+           f"grad accum {grad_accum} | micro-batch {B}{'' if cfg.batch_size else ' (auto)'} | "
            f"{cfg.total_batch_size} tokens/step | measured peak "
            f"{peak / 1e12:.2f} TFLOP/s per device" + (f" | resuming at step {start_step}" if ckpt else ""))
 
