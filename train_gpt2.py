@@ -169,8 +169,8 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype):
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        # one tensor per layer and k/v (zeros: masked, but never NaN), so each is written in place, not
-        # copied whole as a slice of one big tensor would be in a compiled graph
+        # a tensor per layer and k/v, written in place (compiled, a slice of one big tensor is copied whole);
+        # zeros, not empty: masked slots still meet the values in softmax @ v, and 0 * NaN is NaN
         self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv")
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions filled, kept on the device
 
@@ -451,13 +451,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, compile=False):
-        """
-        Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling.
-        With the cache: the prompt in one forward, then one fixed-shape decode step per token with no
-        host sync. compile=True compiles it, on CUDA into one CUDA graph launch per token: worth its ~1 min
-        compile for long or repeated generation, not for a few short samples during training.
-        Past block_size, or with use_cache=False, each token recomputes the cropped window.
-        """
+        """Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling. Cached: the
+        prompt in one forward, then a fixed-shape decode step per token, no host sync; compile=True compiles it
+        (on CUDA: one CUDA graph launch a token), worth it for long runs. Past block_size, or use_cache=False,
+        each token recomputes the cropped window."""
         was_training = self.training
         self.eval()
         (B, P), V = idx.shape, self.config.vocab_size
