@@ -77,6 +77,7 @@ class TrainConfig:
     backend: str = "auto"  # torch.distributed backend: auto (nccl on cuda, gloo otherwise), nccl, gloo
     dtype: str = "bfloat16"  # autocast dtype: bfloat16 or float32 (no autocast)
     compile: typing.Optional[bool] = None  # torch.compile; unset: on for cuda only
+    cudnn_attention: bool = True  # try cuDNN's SDPA kernel first (CUDA); false: PyTorch's default order
     zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
@@ -1096,7 +1097,7 @@ def train(cfg, explicit=None):
             # forward too, since DDP arms its reducer there
             sync = d.world_size == 1 or micro_step == grad_accum - 1
             with (nullcontext() if sync else model.no_sync()):
-                with autocast, attention_kernels():
+                with autocast, (attention_kernels() if cfg.cudnn_attention else nullcontext()):
                     _, loss = model(x, y)
                 # the mean over the whole batch is the mean of micro-batch means / grad_accum
                 loss = loss / grad_accum
