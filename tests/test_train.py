@@ -28,7 +28,7 @@ def shakespeare(tmp_path):
 
 def test_defaults_are_the_124M_reproduction():
     c = TrainConfig()
-    assert (c.batch_size, c.block_size, c.total_batch_size) == (64, 1024, 524288)
+    assert (c.batch_size, c.block_size, c.total_batch_size) == (0, 1024, 524288)  # B auto: 64, or 128 on 80 GB
     assert (c.max_lr, c.warmup_steps, c.max_steps, c.weight_decay) == (6e-4, 715, 19073, 0.1)
     assert (c.beta1, c.beta2, c.eps, c.grad_clip, c.seed) == (0.9, 0.95, 1e-8, 1.0, 1337)
     assert c.max_lr * c.min_lr_ratio == pytest.approx(6e-5)
