@@ -95,3 +95,17 @@ def test_pipeline_runs_on_the_export(tmp_path):
     # greedy: the pipeline's continuation is our model's greedy continuation
     ours = tiny_gpt().generate(torch.tensor([tokenizer.encode(prompt)]), 8, temperature=0)
     assert text == tokenizer.decode(ours[0].tolist())
+
+
+def test_dropout_maps_to_hugging_face_pdrop(tmp_path):
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.15)).eval()
+    export_hf.export_hf(model, tmp_path, tokenizer_from=None)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    c = hf.config
+    assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (0.15, 0.15, 0.15)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # in eval mode neither drops: the same network
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+    assert export_hf.hf_config(GPTConfig()).resid_pdrop == 0.0  # the 124M run: no dropout, as before

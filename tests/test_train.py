@@ -66,6 +66,18 @@ def test_lr_schedule():
     assert all(get_lr(s, c) >= get_lr(s + 1, c) for s in range(9, 120))
 
 
+def test_wsd_schedule():
+    c = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=110, lr_schedule="wsd", decay_fraction=0.2,
+                    min_lr_ratio=0.0)
+    assert get_lr(0, c) == pytest.approx(6e-5) and get_lr(9, c) == pytest.approx(6e-4)  # the same warmup
+    assert all(get_lr(s, c) == pytest.approx(6e-4) for s in range(9, 89))  # constant until the last 22 steps
+    assert get_lr(99, c) == pytest.approx(6e-4 * 11 / 22)  # linear: half-way down the decay
+    assert get_lr(109, c) == pytest.approx(6e-4 / 22) and get_lr(110, c) == 0.0  # down to min_lr_ratio = 0
+    assert all(get_lr(s, c) >= get_lr(s + 1, c) for s in range(9, 120))
+    c.min_lr_ratio = 0.1
+    assert get_lr(99, c) == pytest.approx(6e-5 + (6e-4 - 6e-5) / 2) and get_lr(110, c) == pytest.approx(6e-5)
+
+
 def test_loader_targets_are_inputs_shifted_and_wrap():
     stream = np.arange(100, dtype=np.uint16)
     loader = DataLoaderLite([Source(lambda: stream)], B=2, T=8)
@@ -113,6 +125,20 @@ def test_bad_batch_sizes_and_missing_data_are_one_line_errors(tmp_path, shakespe
                           f"--hellaswag_path={bad}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --hellaswag_path:") and "bad.jsonl:1" in err
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--optimizer=sgd", "--optimizer=sgd: expected adamw or muon"),
+    ("--lr_schedule=linear", "--lr_schedule=linear: expected cosine or wsd"),
+    ("--dropout=1", "--dropout must be in [0, 1)"),
+    ("--decay_fraction=1.5", "--decay_fraction in [0, 1]"),
+    ("--zero1", "--zero1 shards AdamW's state only; drop it with --optimizer=muon"),
+])
+def test_bad_optimizer_schedule_and_dropout_flags(tmp_path, shakespeare, capsys, flag, message):
+    extra = ["--optimizer=muon"] if flag == "--zero1" else []
+    assert train_gpt2.main([f"--data={shakespeare}", f"--log_dir={tmp_path}", *TINY, flag, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shakespeare):
