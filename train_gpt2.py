@@ -98,6 +98,10 @@ PRESETS = {
         checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
         compile=True,  # on a CPU too: ~1.6x faster steps after a ~30 s compile
     ),
+    # 124M with Muon + WSD, from modded-nanogpt's first Muon records (Oct 2024) on this architecture, for
+    # 2B tokens; measured at small scale only (README: "Fewer tokens")
+    "gpt2-fast": dict(optimizer="muon", muon_lr=0.0018, max_lr=0.0036, weight_decay=0.0, warmup_steps=0,
+                      lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
 }
 
 
@@ -436,16 +440,17 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, zero1=False, muon=None):
         """AdamW; with muon (Muon's keyword arguments) the blocks' matrices go to Muon, the rest to AdamW."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = [(n, p) for n, p in named if muon is not None and n.startswith("transformer.h.") and p.dim() == 2]
-        rest = [p for n, p in named if all(p is not q for _, q in hidden)]
+        to_muon = lambda n, p: muon is not None and n.startswith("transformer.h.") and p.dim() == 2  # noqa: E731
         # decay matmul weights and embeddings (2-D); never biases or LayerNorm gains (1-D)
-        decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
+        decay = [p for n, p in named if p.dim() >= 2 and not to_muon(n, p)]
+        no_decay = [p for n, p in named if p.dim() < 2]
         # fused AdamW: one kernel for all parameters instead of a loop of small ones
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         kwargs = dict(lr=learning_rate, betas=betas, eps=eps, fused=fused)
         if zero1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            adamw = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, weight_decay=weight_decay, **kwargs)
+            adamw = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, weight_decay=weight_decay,
+                                            **kwargs)
             adamw.add_param_group({"params": no_decay, "weight_decay": 0.0})
         else:
             adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -453,9 +458,9 @@ class GPT(nn.Module):
         if muon is None:
             return adamw
         # c_attn holds q, k and v as one (3C, C) weight: three maps, orthogonalized one by one
-        qkv = [p for n, p in hidden if n.endswith("attn.c_attn.weight")]
-        other = [p for n, p in hidden if not n.endswith("attn.c_attn.weight")]
-        return Optimizers(Muon([{"params": other}, {"params": qkv, "split": 3}], **muon), adamw)
+        groups = [{"params": [p for n, p in named if to_muon(n, p) and ("c_attn" in n) == qkv],
+                   "split": 3 if qkv else 1} for qkv in (False, True)]
+        return Optimizers(Muon(groups, **muon), adamw)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
@@ -509,7 +514,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=1, muon=True))
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=1,
+                                      muon=True))
         self.ns_dtype = ns_dtype  # bf16 is enough for the iteration (not for the weights)
 
     @staticmethod
@@ -771,11 +777,8 @@ def build_data(cfg, B, T, rank, world_size):
 
 
 def get_lr(step, cfg):
-    """
-    Linear warmup from max_lr/warmup_steps (never 0), then down to max_lr * min_lr_ratio at max_steps:
-    cosine, or wsd: constant at max_lr, then linear over the last decay_fraction of the run. The
-    constant stage can be continued or branched from; the final linear decay is where loss drops.
-    """
+    """Linear warmup from max_lr/warmup_steps (never 0), then down to max_lr * min_lr_ratio at max_steps:
+    cosine, or wsd: constant at max_lr, then linear over the last decay_fraction of the run."""
     min_lr = cfg.max_lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
@@ -1032,9 +1035,8 @@ def train(cfg, explicit=None):
         model = DDP(compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     if cfg.optimizer == "muon" and cfg.zero1:
         raise ConfigError("--zero1 shards AdamW's state only; drop it with --optimizer=muon")
-    # Newton-Schulz in bf16 where the run uses bf16 (MPS: fp32, its bf16 matmul support varies)
-    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, ns_dtype=torch.bfloat16
-                if cfg.dtype == "bfloat16" and d.device_type != "mps" else torch.float32)
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,  # Newton-Schulz in bf16 if the run is (not MPS)
+                ns_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" and d.device_type != "mps" else torch.float32)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
                                                d.device_type, zero1=cfg.zero1 and d.world_size > 1,
                                                muon=muon if cfg.optimizer == "muon" else None)

@@ -43,6 +43,9 @@ def test_cli_overrides_parse_with_their_types():
     # a preset sets values; an explicit flag still wins
     c = parse_args(["--preset=shakespeare", "--max_steps=7"])
     assert c.data == "input.txt" and c.n_layer == 4 and c.max_steps == 7
+    c = parse_args(["--preset=gpt2-fast"])  # the 124M model with Muon + WSD, 2B tokens, HellaSwag logged
+    assert (c.optimizer, c.lr_schedule, c.n_layer, c.hellaswag, c.eval_interval) == ("muon", "wsd", 12, True, 250)
+    assert 1.9e9 < c.max_steps * c.total_batch_size <= 2e9
 
 
 @pytest.mark.parametrize("argv, message", [
