@@ -33,7 +33,8 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 # sized for a 2-core CPU shared with other jobs
 MODEL = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=128", "--batch_size=16"]
 BUDGET = dict(total_batch_size=2048, max_steps=60, warmup_steps=6, eval_interval=10, val_tokens=16384)
-SWEEP = {"adamw": [4e-3, 8e-3], "muon": [0.02, 0.04]}  # max_lr for AdamW, muon_lr for Muon
+SWEEP = {"adamw": [1e-3, 2e-3, 4e-3, 8e-3], "muon": [0.02, 0.04]}  # max_lr for AdamW, muon_lr for Muon
+MUON_ADAMW_LR = 4e-3  # max_lr of a Muon run's AdamW part (embeddings, head, biases, gains)
 
 
 def data_path(args):
@@ -108,11 +109,12 @@ def summarize(args, data):
     if not sweep("adamw"):
         return None
     adamw_lr = min(sweep("adamw").values(), key=lambda r: r["val"])["lr"]
-    muon_sweep = [r for r in sweep("muon").values() if r["adamw_lr"] == adamw_lr]
-    if not muon_sweep:
+    if not sweep("muon"):
         return None
-    muon_lr = min(muon_sweep, key=lambda r: r["val"])["lr"]
-    main = [r for r in rows if r["adamw_lr"] == adamw_lr and r["lr"] == (muon_lr if r["optimizer"] == "muon" else adamw_lr)]
+    best_muon = min(sweep("muon").values(), key=lambda r: r["val"])
+    muon_lr = best_muon["lr"]
+    main = [r for r in rows if r["lr"] == (muon_lr if r["optimizer"] == "muon" else adamw_lr)
+            and r["adamw_lr"] == (best_muon["adamw_lr"] if r["optimizer"] == "muon" else adamw_lr)]
     adamw = {r["seed"]: r for r in main if r["optimizer"] == "adamw"}
     muon = {r["seed"]: r for r in main if r["optimizer"] == "muon"}
     seeds = sorted(set(adamw) & set(muon))
@@ -130,14 +132,18 @@ def report(args):
     print("| data | AdamW (max_lr) val | Muon (muon_lr) val | Muon val at 2/3 of the tokens | "
           "Muon tokens to AdamW's val | seeds |")
     print("|---|---|---|---|---|---|")
+    pm = lambda ms, d=4: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"  # noqa: E731
+    sweeps = []
     for data in ("shakespeare", "fineweb"):
         s = summarize(args, data)
         if s:
-            pm = lambda ms, d=4: f"{ms[0]:.{d}f} ± {ms[1]:.{d}f}"  # noqa: E731
             print(f"| {data} | {pm(s['adamw'])} ({s['adamw_lr']:g}) | {pm(s['muon'])} ({s['muon_lr']:g}) | "
                   f"{pm(s['muon_40'])} | {pm(s['ratio'], 2)}x | {len(s['seeds'])} |")
-    print(f"(mean ± standard deviation over seeds; val after {s['steps']} steps of {BUDGET['total_batch_size']:,} "
-          "tokens; tokens as a fraction of AdamW's)")
+        runs = sorted((r["optimizer"], r["lr"], r["val"]) for r in load_results(args) if r["data"] == data and r["seed"] == 0)
+        sweeps.append(f"{data}: " + ", ".join(f"{o} {lr:g} -> {v:.4f}" for o, lr, v in runs))
+    print(f"\n(mean ± standard deviation over seeds; val after {BUDGET['max_steps'] - 1} updates of "
+          f"{BUDGET['total_batch_size']:,} tokens; tokens as a fraction of AdamW's)\nsweep, seed 0, final val: "
+          + "; ".join(sweeps))
 
 
 def time_steps(args, rounds=30):
@@ -184,12 +190,12 @@ def main():
         return report(args)
     if args.phase == "time":
         return time_steps(args)
-    args.adamw_lr = best_lr(args, "adamw")
-    muon_lr = best_lr(args, "muon")
-    print(f"{args.data}: best AdamW max_lr {args.adamw_lr:g}, best Muon muon_lr {muon_lr:g}", flush=True)
+    args.adamw_lr = MUON_ADAMW_LR
+    adamw_lr, muon_lr = best_lr(args, "adamw"), best_lr(args, "muon")
+    print(f"{args.data}: best AdamW max_lr {adamw_lr:g}, best Muon muon_lr {muon_lr:g}", flush=True)
     if args.phase == "main":
         for seed in range(args.seeds):
-            run(args, "adamw", args.adamw_lr, seed)
+            run(args, "adamw", adamw_lr, seed)
             run(args, "muon", muon_lr, seed)
         report(args)
 
