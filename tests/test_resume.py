@@ -149,6 +149,14 @@ def test_resume_with_another_model_config_names_the_field(reference, tmp_path, c
     assert "was trained with n_embd=32, this run has n_embd=64" in err and err.count("\n") == 1
 
 
+def test_resume_with_another_optimizer_is_refused(reference, tmp_path, capsys):
+    data, ref_dir = reference
+    ckpt = str(ref_dir / f"ckpt_{STEPS:06d}.pt")
+    assert train_gpt2.main(args(data, tmp_path, [f"--resume={ckpt}", "--optimizer=muon"])) == 2
+    err = capsys.readouterr().err
+    assert "--optimizer=muon differs from the checkpoint's; resume with its own" in err and err.count("\n") == 1
+
+
 def test_block_size_beyond_the_pretrained_model(tmp_path, capsys, reference):
     from transformers import GPT2Config, GPT2LMHeadModel
     data, _ = reference
