@@ -139,7 +139,8 @@ def report(args):
         if s:
             print(f"| {data} | {pm(s['adamw'])} ({s['adamw_lr']:g}) | {pm(s['muon'])} ({s['muon_lr']:g}) | "
                   f"{pm(s['muon_40'])} | {pm(s['ratio'], 2)}x | {len(s['seeds'])} |")
-        runs = sorted((r["optimizer"], r["lr"], r["val"]) for r in load_results(args) if r["data"] == data and r["seed"] == 0)
+        runs = sorted((r["optimizer"], r["lr"], r["val"]) for r in load_results(args)
+                      if r["data"] == data and r["seed"] == 0)
         sweeps.append(f"{data}: " + ", ".join(f"{o} {lr:g} -> {v:.4f}" for o, lr, v in runs))
     print(f"\n(mean ± standard deviation over seeds; val after {BUDGET['max_steps'] - 1} updates of "
           f"{BUDGET['total_batch_size']:,} tokens; tokens as a fraction of AdamW's)\nsweep, seed 0, final val: "
