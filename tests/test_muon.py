@@ -1,4 +1,4 @@
-"""Muon: equal to torch.optim.Muon where both apply, q/k/v orthogonalized apart, the right parameters, DDP ranks equal."""
+"""Muon: equals torch.optim.Muon, orthogonalizes q, k, v apart, takes the right weights; DDP ranks stay equal."""
 import textwrap
 
 import pytest
@@ -18,7 +18,8 @@ def test_orthogonalize_puts_singular_values_near_one():
 def test_equals_torch_muon_with_adamw_rms_matching():
     """torch.optim.Muon (bf16 Newton-Schulz, Moonshot's 0.2 * sqrt(max dim) scale) on plain 2-D weights."""
     gen = torch.Generator().manual_seed(0)
-    ours = [torch.randn(48, 16, generator=gen, requires_grad=True), torch.randn(16, 64, generator=gen, requires_grad=True)]
+    ours = [torch.randn(48, 16, generator=gen, requires_grad=True),  # tall and wide
+            torch.randn(16, 64, generator=gen, requires_grad=True)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     a = Muon(ours, lr=0.05, momentum=0.9)
     b = torch.optim.Muon(theirs, lr=0.05, momentum=0.9, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
