@@ -99,8 +99,8 @@ PRESETS = {
         checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
         compile=True,  # on a CPU too: ~1.6x faster steps after a ~30 s compile
     ),
-    # 124M with Muon + WSD, from modded-nanogpt's first Muon records (Oct 2024) on this architecture, for
-    # 2B tokens; measured at small scale only (README: "Fewer tokens")
+    # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records (a 124M GPT-2 then),
+    # for 2B tokens; measured at small scale only (README: "Fewer tokens")
     "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, warmup_steps=0,
                       lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
 }
