@@ -29,8 +29,9 @@ def hf_config(config):
         vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head,
         activation_function="gelu_new",  # the tanh GELU, as in our MLP
-        # we train without dropout; HF's GPT-2 default is 0.1, which would change fine-tuning from here
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        # the dropout we trained with (0 for the 124M run), not HF's default of 0.1: fine-tuning from
+        # the export then regularizes as our training did
+        resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
         bos_token_id=GPT2_VOCAB - 1, eos_token_id=GPT2_VOCAB - 1,  # <|endoftext|>
     )
 

@@ -56,9 +56,15 @@ class TrainConfig:
     # batch: grad accumulation steps = total_batch_size / (batch_size * block_size * world size)
     batch_size: int = 0  # sequences per micro-batch per rank (B); 0: auto, 64 or what the GPU fits (auto_batch_size)
     total_batch_size: int = 524_288  # tokens per optimizer step, 2**19 ~ 0.5M as in GPT-3 Small
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches (as HF GPT-2); 0 for 124M
     # optimizer and schedule (GPT-3 paper, table 2.1 and appendix B)
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW (max_lr) for the rest
+    muon_lr: float = 0.0018  # Muon's peak LR (update RMS 0.2 * lr; modded-nanogpt's 124M value), max_lr's schedule
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
-    min_lr_ratio: float = 0.1  # cosine decays to max_lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # cosine, or wsd: warmup, constant, then linear decay (Hu et al. 2024)
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly
     warmup_steps: int = 715  # steps of linear LR warmup: 375M tokens / 2**19 tokens per step
     max_steps: int = 19_073  # steps in all: 10B tokens / 2**19 tokens per step = one epoch of FineWeb-Edu 10B
     weight_decay: float = 0.1  # AdamW, on 2-D tensors (matmuls, embeddings) only
@@ -97,10 +103,15 @@ PRESETS = {
     # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in about 5 minutes
     "shakespeare": dict(
         data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
-        total_batch_size=4096, max_lr=3e-3, warmup_steps=20, max_steps=300, eval_interval=50,
+        total_batch_size=4096, max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50,
+        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,  # val 5.60 -> 4.99
         checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
         compile=True,  # on a CPU too: ~1.6x faster steps after a ~30 s compile
     ),
+    # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records (a 124M GPT-2 then),
+    # for 2B tokens; measured at small scale only (README: "Fewer tokens")
+    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, warmup_steps=0,
+                      lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
 }
 
 
@@ -164,8 +175,14 @@ def validate_config(cfg):
         raise ConfigError(f"--min_lr_ratio={cfg.min_lr_ratio} must be <= 1, --beta1/--beta2 < 1")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one of them")
-    if cfg.dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"--dtype={cfg.dtype}: expected bfloat16 or float32")
+    for name, choices in (("dtype", ("bfloat16", "float32")), ("optimizer", ("adamw", "muon")),
+                          ("lr_schedule", ("cosine", "wsd"))):
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"--{name}={getattr(cfg, name)}: expected {' or '.join(choices)}")
+    if not (cfg.dropout < 1 and cfg.decay_fraction <= 1):
+        raise ConfigError("--dropout must be in [0, 1) and --decay_fraction in [0, 1]")
+    if cfg.optimizer == "muon" and cfg.zero1:
+        raise ConfigError("--zero1 shards AdamW's state only; drop it with --optimizer=muon")
     if re.fullmatch(r"(openai-community/)?gpt2(-medium|-large|-xl)?", cfg.init_from) and cfg.block_size > 1024:
         raise ConfigError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s 1024; pass --block_size=1024")
     if cfg.num_samples and not cfg.sample_prompt:
@@ -188,6 +205,7 @@ class GPTConfig:
     n_embd: int = 768
     vocab_multiple: int = 64  # embedding rows are padded to a multiple of this (50257 -> 50304)
     flash: bool = True  # attention through F.scaled_dot_product_attention; False: written out
+    dropout: float = 0.0  # training only: embeddings, attention weights, residual branches (HF GPT-2's places)
 
     @property
     def padded_vocab_size(self):
@@ -223,6 +241,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout  # on the attention weights, inside SDPA
         self.n_head = config.n_head
         self.flash = config.flash
         self.layer_idx = layer_idx
@@ -237,14 +257,15 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # attend to the whole preallocated cache, masked to the filled positions
             k, v, mask = cache.update(self.layer_idx, k, v)
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         else:  # the textbook version, kept for the speed ladder in bench.py
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
+            y = F.dropout(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1), self.dropout, self.training) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.c_proj(y)
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -255,9 +276,10 @@ class MLP(nn.Module):
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE = True
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -367,6 +389,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
@@ -405,7 +428,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
         # with a cache, positions start at cache.pos, a device tensor: no host sync, one graph for all positions
         pos = torch.arange(T, device=idx.device) + (cache.pos if cache is not None else 0)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cache)
         if cache is not None:
@@ -416,7 +439,7 @@ class GPT(nn.Module):
     _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     @classmethod
-    def from_pretrained(cls, name_or_path):
+    def from_pretrained(cls, name_or_path, dropout=0.0):
         """OpenAI GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local Hugging Face GPT-2 dir."""
         from transformers import GPT2LMHeadModel
         try:
@@ -427,7 +450,7 @@ class GPT(nn.Module):
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.scale_attn_by_inverse_layer_idx:
             raise ConfigError(f"{name_or_path}: only standard GPT-2 checkpoints load (tanh GELU, plain attention)")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dropout=dropout)
         model = cls(config)
         model.load_hf_state_dict(hf.state_dict())
         return model
@@ -457,23 +480,30 @@ class GPT(nn.Module):
             out[key] = t.detach().contiguous().clone()
         return out
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, zero1=False):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, zero1=False, muon=None):
+        """AdamW; with muon (Muon's keyword arguments) the blocks' matrices go to Muon, the rest to AdamW."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        to_muon = lambda n, p: muon is not None and n.startswith("transformer.h.") and p.dim() == 2  # noqa: E731
         # decay matmul weights and embeddings (2-D); never biases or LayerNorm gains (1-D)
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        decay = [p for n, p in named if p.dim() >= 2 and not to_muon(n, p)]
+        no_decay = [p for n, p in named if p.dim() < 2]
         # fused AdamW: one kernel for all parameters instead of a loop of small ones
         fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
         kwargs = dict(lr=learning_rate, betas=betas, eps=eps, fused=fused)
         if zero1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            opt = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW,
-                                          weight_decay=weight_decay, **kwargs)
-            opt.add_param_group({"params": no_decay, "weight_decay": 0.0})
-            return opt
-        return torch.optim.AdamW(groups, **kwargs)
+            adamw = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, weight_decay=weight_decay,
+                                            **kwargs)
+            adamw.add_param_group({"params": no_decay, "weight_decay": 0.0})
+        else:
+            adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], **kwargs)
+        if muon is None:
+            return adamw
+        # c_attn holds q, k and v as one (3C, C) weight: three maps, orthogonalized one by one
+        groups = [{"params": [p for n, p in named if to_muon(n, p) and ("c_attn" in n) == qkv],
+                   "split": 3 if qkv else 1} for qkv in (False, True)]
+        return Optimizers(Muon(groups, **muon), adamw)
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
@@ -554,6 +584,73 @@ def sample_next(logits, temperature, top_k, noise):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
     return (F.softmax(logits, dim=-1) / noise.clamp(min=1e-30)).argmax(dim=-1)
+
+
+class Muon(torch.optim.Optimizer):
+    """
+    Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon): SGD with Nesterov momentum whose update,
+    per 2-D weight, is replaced by the nearest semi-orthogonal matrix U V^T (of its SVD U S V^T), so every
+    direction of the matrix moves at the same rate, rare ones included. A group's "split" cuts each
+    weight into that many row blocks, orthogonalized apart. The update has RMS 0.2 * lr, AdamW's usual
+    size (Liu et al. 2025, "Muon is scalable for LLM training"), on any width and shape. Every DDP rank
+    computes the same update from the same all-reduced gradient: ranks stay bitwise identical.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=1,
+                                      muon=True))
+        self.ns_dtype = ns_dtype  # bf16 is enough for the iteration (not for the weights)
+
+    @staticmethod
+    def orthogonalize(G, steps, dtype):
+        """~U V^T of G (k, m, n) by a quintic Newton-Schulz iteration whose coefficients (Jordan's) drive
+        the singular values into ~[0.7, 1.2] in 5 steps rather than to exactly 1: fast, and trains as well."""
+        a, b, c = 3.4445, -4.7750, 2.0315
+        X = G.to(dtype).mT if G.size(-2) > G.size(-1) else G.to(dtype)  # wide: X X^T is the small Gram matrix
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        for _ in range(steps):  # X <- aX + b(XX^T)X + c(XX^T)^2 X, each sum fused into its matmul
+            A = X @ X.mT
+            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        return X.mT if G.size(-2) > G.size(-1) else X
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                if (buf := self.state[p].get("momentum_buffer")) is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * g
+                g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf  # Nesterov: look ahead
+                g = g.view(group["split"], -1, p.size(1))  # (blocks, m, n)
+                update = self.orthogonalize(g, group["ns_steps"], self.ns_dtype).view_as(p)
+                # an orthogonal m x n matrix has RMS 1/sqrt(max(m, n)): scale it to 0.2
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * max(g.size(-2), g.size(-1)) ** 0.5)
+
+
+class Optimizers:
+    """Several optimizers stepped, zeroed, scheduled and checkpointed as one."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # read anew: load_state_dict replaces an optimizer's groups
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return [opt.state_dict() for opt in self.optimizers]
+
+    def load_state_dict(self, states):
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
 
 # ----------------------------------------------------------------------------------------------
 # Data: one token stream over tiny shakespeare or FineWeb-Edu shards, sliced across ranks
@@ -771,12 +868,16 @@ def build_data(cfg, B, T, rank, world_size):
 
 
 def get_lr(step, cfg):
-    """Linear warmup from max_lr/warmup_steps (never 0), then cosine down to max_lr * min_lr_ratio."""
+    """Linear warmup from max_lr/warmup_steps (never 0), then down to max_lr * min_lr_ratio at max_steps:
+    cosine, or wsd: constant at max_lr, then linear over the last decay_fraction of the run."""
     min_lr = cfg.max_lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return cfg.max_lr * (step + 1) / cfg.warmup_steps
     if step >= cfg.max_steps:
         return min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        return min_lr + min(1.0, (cfg.max_steps - step) / decay_steps) * (cfg.max_lr - min_lr)
     ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.max_lr - min_lr)
 
@@ -1084,9 +1185,10 @@ def train(cfg, explicit=None):
 
     # model: raw_model holds the weights; model is what training calls (compiled, DDP-wrapped)
     if ckpt is None and cfg.init_from != "scratch":
-        raw_model = GPT.from_pretrained(cfg.init_from)
+        raw_model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     else:  # a checkpoint holds every weight: an --init_from source is never read again
-        wanted = GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        wanted = GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                           dropout=cfg.dropout)
         if ckpt is not None and cfg.init_from == "scratch":
             check_model_config(ckpt["model_config"], dataclasses.asdict(wanted), cfg.resume)
         raw_model = GPT(GPTConfig(**ckpt["model_config"]) if ckpt is not None else wanted)
@@ -1103,8 +1205,11 @@ def train(cfg, explicit=None):
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,  # Newton-Schulz in bf16 if the run is (not MPS)
+                ns_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" and d.device_type != "mps" else torch.float32)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                                               d.device_type, zero1=cfg.zero1 and d.world_size > 1)
+                                               d.device_type, zero1=cfg.zero1 and d.world_size > 1,
+                                               muon=muon if cfg.optimizer == "muon" else None)
 
     log_path = os.path.join(cfg.log_dir, "log.txt")
     start_step, val_loss = 0, None
@@ -1113,6 +1218,8 @@ def train(cfg, explicit=None):
             raise ConfigError(f"--total_batch_size={cfg.total_batch_size} differs from the checkpoint's "
                               f"{ckpt['config']['total_batch_size']}: the LR schedule and data position are "
                               f"counted in its steps; keep it (--batch_size and GPU count may change)")
+        if ckpt["config"].get("optimizer", "adamw") != cfg.optimizer:
+            raise ConfigError(f"--optimizer={cfg.optimizer} differs from the checkpoint's; resume with its own")
         optimizer.load_state_dict(ckpt["optimizer"])
         loader.load_state_dict(ckpt["loader"])
         set_rng_state(ckpt["rng"])
@@ -1175,7 +1282,7 @@ def train(cfg, explicit=None):
                  "config": dataclasses.asdict(cfg), "model_config": model_config, "val_loss": val_loss,
                  "loader": loader.state_dict(), "rng": rng_state(), "run": run.run, "tag": run.tag,
                  "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
-        bad = first_nonfinite(state["optimizer"]["state"])
+        bad = first_nonfinite(state["optimizer"])  # AdamW's dict, or Muon's and AdamW's in a list
         if bad:
             raise nonfinite_error(step, f"optimizer state {bad} is NaN or inf, so no checkpoint is written")
         save_checkpoint(run.path(step), state)
@@ -1229,8 +1336,8 @@ def train(cfg, explicit=None):
             loss_accum /= d.world_size
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group in optimizer.param_groups:  # Muon's groups: the same schedule, from --muon_lr
+            group["lr"] = lr * cfg.muon_lr / cfg.max_lr if group.get("muon") else lr
         loss_val, norm_val = loss_accum.item(), norm.item()  # same on every rank: all-reduced
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
             what = f"non-finite loss {loss_val} / grad norm {norm_val}"

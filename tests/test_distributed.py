@@ -46,6 +46,19 @@ def test_ddp_two_ranks_equal_one_process(single_process, tmp_path):
     assert_same_run(single_dir, tmp_path, atol=1e-5)
 
 
+def test_muon_two_ranks_equal_one_process(single_process, tmp_path_factory):
+    """Muon's update is computed on every rank from the all-reduced gradient: the same run either way."""
+    data, _ = single_process
+    muon = ["--optimizer=muon", "--muon_lr=0.05", "--lr_schedule=wsd"]
+    single_dir, ddp_dir = tmp_path_factory.mktemp("muon1"), tmp_path_factory.mktemp("muon2")
+    run(args(data, single_dir, muon))
+    run(args(data, ddp_dir, muon), nproc=2)
+    assert_same_run(single_dir, ddp_dir, atol=1e-5)
+    adamw = final_params(single_process[1], STEPS)
+    assert not torch.allclose(final_params(single_dir, STEPS)["transformer.h.0.mlp.c_fc.weight"],
+                              adamw["transformer.h.0.mlp.c_fc.weight"], atol=1e-3)  # Muon did take the step
+
+
 def test_zero1_resumes_and_matches_plain_adamw(single_process, tmp_path):
     data, single_dir = single_process
     run(args(data, tmp_path, ["--zero1", "--stop_step=3"]), nproc=2)

@@ -88,3 +88,17 @@ def test_pipeline_defaults_stay_within_the_context(tmp_path):
     torch.manual_seed(0)
     out = generate("Hello, I'm a language model,", return_tensors=True)[0]["generated_token_ids"]
     assert len(out) == 128  # a random model rarely emits <|endoftext|>: it runs to the context's end
+
+
+def test_dropout_maps_to_hugging_face_pdrop(tmp_path):
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.15)).eval()
+    export_hf.export_hf(model, tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    c = hf.config
+    assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop) == (0.15, 0.15, 0.15)
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # in eval mode neither drops: the same network
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+    assert export_hf.hf_config(GPTConfig()).resid_pdrop == 0.0  # the 124M run: no dropout, as before

@@ -101,3 +101,23 @@ def test_grad_accumulation_equals_one_big_batch():
         (loss / 4).backward()
     for (name, p), q in zip(big.named_parameters(), small.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_dropout_acts_in_training_only(flash):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32, flash=flash)
+    plain, dropped = GPT(cfg), GPT(GPTConfig(**{**cfg.__dict__, "dropout": 0.2}))
+    dropped.load_state_dict(plain.state_dict())  # dropout adds no parameters
+    x = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        plain.eval(), dropped.eval()
+        assert torch.equal(plain(x)[0], dropped(x)[0])  # eval: no dropout at all
+        plain.train(), dropped.train()
+        assert torch.equal(plain(x)[0], plain(x)[0])  # dropout 0 in training: deterministic
+        a, b = dropped(x)[0], dropped(x)[0]
+        assert not torch.allclose(a, b) and not torch.allclose(a, plain(x)[0])
+    # each of HF's places drops: embeddings, attention weights, both residual branches
+    sites = {"drop": dropped.transformer.drop, "attn": dropped.transformer.h[0].attn.resid_dropout,
+             "mlp": dropped.transformer.h[0].mlp.dropout}
+    assert all(m.p == 0.2 for m in sites.values()) and dropped.transformer.h[0].attn.dropout == 0.2

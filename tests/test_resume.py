@@ -49,6 +49,19 @@ def test_stop_then_resume_is_bitwise_identical(reference, tmp_path):
     assert_identical(ref_dir, tmp_path)
 
 
+def test_muon_wsd_dropout_stop_then_resume_is_bitwise_identical(reference, tmp_path_factory):
+    """Muon's momentum, the WSD schedule and dropout's random masks all continue exactly."""
+    data, _ = reference
+    extra = ["--optimizer=muon", "--lr_schedule=wsd", "--decay_fraction=0.5", "--dropout=0.1"]
+    ref_dir, log_dir = tmp_path_factory.mktemp("muon_ref"), tmp_path_factory.mktemp("muon_resumed")
+    run(args(data, ref_dir, extra))
+    run(args(data, log_dir, [*extra, "--stop_step=5"]))
+    ckpt = torch.load(log_dir / "ckpt_000005.pt", weights_only=True)
+    assert len(ckpt["optimizer"][0]["state"]) == 4 * 2  # a momentum buffer per block matrix
+    run(args(data, log_dir, ["--resume"]))  # the optimizer, schedule and dropout come from the checkpoint
+    assert_identical(ref_dir, log_dir)
+
+
 def wait_for(path, proc, timeout=120):
     t0 = time.time()
     while not os.path.exists(path):
@@ -134,6 +147,14 @@ def test_resume_with_another_model_config_names_the_field(reference, tmp_path, c
     assert train_gpt2.main(args(data, tmp_path, [f"--resume={ckpt}", "--n_embd=64"])) == 2
     err = capsys.readouterr().err
     assert "was trained with n_embd=32, this run has n_embd=64" in err and err.count("\n") == 1
+
+
+def test_resume_with_another_optimizer_is_refused(reference, tmp_path, capsys):
+    data, ref_dir = reference
+    ckpt = str(ref_dir / f"ckpt_{STEPS:06d}.pt")
+    assert train_gpt2.main(args(data, tmp_path, [f"--resume={ckpt}", "--optimizer=muon"])) == 2
+    err = capsys.readouterr().err
+    assert "--optimizer=muon differs from the checkpoint's; resume with its own" in err and err.count("\n") == 1
 
 
 def test_block_size_beyond_the_pretrained_model(tmp_path, capsys, reference):

@@ -43,6 +43,9 @@ def test_cli_overrides_parse_with_their_types():
     # a preset sets values; an explicit flag still wins
     c = parse_args(["--preset=shakespeare", "--max_steps=7"])
     assert c.data == "input.txt" and c.n_layer == 4 and c.max_steps == 7
+    c = parse_args(["--preset=gpt2-fast"])  # the 124M model with Muon + WSD, 2B tokens, HellaSwag logged
+    assert (c.optimizer, c.lr_schedule, c.n_layer, c.hellaswag, c.eval_interval) == ("muon", "wsd", 12, True, 250)
+    assert 1.9e9 < c.max_steps * c.total_batch_size <= 2e9
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -64,6 +67,18 @@ def test_lr_schedule():
     assert get_lr(60, c) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half-way down the cosine
     assert get_lr(110, c) == pytest.approx(6e-5)  # the floor: 10% of max_lr
     assert all(get_lr(s, c) >= get_lr(s + 1, c) for s in range(9, 120))
+
+
+def test_wsd_schedule():
+    c = TrainConfig(max_lr=6e-4, warmup_steps=10, max_steps=110, lr_schedule="wsd", decay_fraction=0.2,
+                    min_lr_ratio=0.0)
+    assert get_lr(0, c) == pytest.approx(6e-5) and get_lr(9, c) == pytest.approx(6e-4)  # the same warmup
+    assert all(get_lr(s, c) == pytest.approx(6e-4) for s in range(9, 89))  # constant until the last 22 steps
+    assert get_lr(99, c) == pytest.approx(6e-4 * 11 / 22)  # linear: half-way down the decay
+    assert get_lr(109, c) == pytest.approx(6e-4 / 22) and get_lr(110, c) == 0.0  # down to min_lr_ratio = 0
+    assert all(get_lr(s, c) >= get_lr(s + 1, c) for s in range(9, 120))
+    c.min_lr_ratio = 0.1
+    assert get_lr(99, c) == pytest.approx(6e-5 + (6e-4 - 6e-5) / 2) and get_lr(110, c) == pytest.approx(6e-5)
 
 
 def test_loader_targets_are_inputs_shifted_and_wrap():
@@ -140,6 +155,20 @@ def test_bad_batch_sizes_and_missing_data_are_one_line_errors(tmp_path, shakespe
                           f"--hellaswag_path={bad}"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --hellaswag_path:") and "bad.jsonl:1" in err
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--optimizer=sgd", "--optimizer=sgd: expected adamw or muon"),
+    ("--lr_schedule=linear", "--lr_schedule=linear: expected cosine or wsd"),
+    ("--dropout=1", "--dropout must be in [0, 1)"),
+    ("--decay_fraction=1.5", "--decay_fraction in [0, 1]"),
+    ("--zero1", "--zero1 shards AdamW's state only; drop it with --optimizer=muon"),
+])
+def test_bad_optimizer_schedule_and_dropout_flags(tmp_path, shakespeare, capsys, flag, message):
+    extra = ["--optimizer=muon"] if flag == "--zero1" else []
+    assert train_gpt2.main([f"--data={shakespeare}", f"--log_dir={tmp_path}", *TINY, flag, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shakespeare):
