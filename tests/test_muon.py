@@ -100,6 +100,7 @@ DDP_SCRIPT = textwrap.dedent("""
     gathered = [torch.empty_like(flat) for _ in range(d.world_size)]
     dist.all_gather(gathered, flat)
     assert all(torch.equal(gathered[0], g) for g in gathered), "ranks differ"
+    dist.barrier()  # leave together: a rank tearing gloo down early can abort the other (see train())
     dist.destroy_process_group()
     print("ranks identical")
 """)
