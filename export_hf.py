@@ -82,11 +82,11 @@ def main(argv):
     from transformers.utils import logging
     logging.disable_progress_bar()  # no bars for a few MB written and read back
     try:
-        train_gpt2.check_writable(args.out, "--out")
         if args.checkpoint:
             model = train_gpt2.model_from_checkpoint(args.checkpoint)
         else:
             model = train_gpt2.GPT.from_pretrained(args.model)
+        train_gpt2.check_writable(args.out, "--out")  # after the model loads: a refused one leaves no folder
     except train_gpt2.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -173,6 +173,8 @@ def validate_config(cfg):
             raise ConfigError(f"--{name}={v}: must be a finite number {'>' if name in positive else '>='} 0")
     if cfg.min_lr_ratio > 1 or max(cfg.beta1, cfg.beta2) >= 1:
         raise ConfigError(f"--min_lr_ratio={cfg.min_lr_ratio} must be <= 1, --beta1/--beta2 < 1")
+    if cfg.seed >= 2**32:
+        raise ConfigError(f"--seed={cfg.seed}: must be below 2**32, numpy's seed range")
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one of them")
     for name, choices in (("dtype", ("bfloat16", "float32")), ("optimizer", ("adamw", "muon")),

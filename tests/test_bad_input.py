@@ -56,6 +56,7 @@ CASES = {
     "max_lr=nan": (["--max_lr=nan"], ["--max_lr=nan"]),
     "max_lr=inf": (["--max_lr=inf"], ["--max_lr=inf"]),
     "seed=-1": (["--seed=-1"], ["--seed=-1"]),
+    "seed=2**32": (["--seed=4294967296"], ["--seed=4294967296", "2**32"]),
     "beta2=1.5": (["--beta2=1.5"], ["--beta2"]),
     "empty sample_prompt": (["--sample_prompt=", "--num_samples=1", "--eval_interval=1"], ["--sample_prompt"]),
     "device=mps": (["--device=mps"], ["--device=mps", "--device=cpu"]),
@@ -246,6 +247,7 @@ def test_foreign_checkpoint_is_one_line(tmp_path, capsys, kind):
     one_error_line(capsys, hellaswag.main([f"--checkpoint={path}", f"--data_path={items}", "--device=cpu"]),
                    str(path), "ckpt_*.pt")
     one_error_line(capsys, export_hf.main([f"--checkpoint={path}", f"--out={tmp_path / 'hf'}"]), str(path), "ckpt_*.pt")
+    assert not (tmp_path / "hf").exists()  # refused before --out was made: no empty folder left behind
 
 
 @pytest.mark.parametrize("out", ["a_file", "/proc/self"])
