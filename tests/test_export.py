@@ -2,11 +2,9 @@
 import dataclasses
 import os
 
-import pytest
 import torch
 
 import export_hf
-from conftest import ROOT
 from train_gpt2 import GPT, GPTConfig, get_tokenizer, save_checkpoint
 
 def tiny_gpt():

@@ -1,6 +1,5 @@
 """HellaSwag scoring: our GPT and Hugging Face agree, batching and ranks change nothing, bad input is named."""
 import json
-import os
 
 import pytest
 import requests
