@@ -167,8 +167,9 @@ def export_hf(model, out_dir, overwrite=False, pdrop=None, source="the model"):
         tokenizer = hf_tokenizer()
         tokenizer.model_max_length = model.config.block_size
         tokenizer.save_pretrained(tmp)
+        files = sorted(os.listdir(tmp))
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"written_by": "export_hf.py", "files": sorted(os.listdir(tmp))}, f, indent=1)
+            json.dump({"written_by": "export_hf.py", "files": files}, f, indent=1)
         if os.path.lexists(target):
             old = f"{tmp}.old"
             os.rename(target, old)
