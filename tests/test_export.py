@@ -265,8 +265,8 @@ def test_disk_full_on_a_real_small_file_system(tmp_path, capsys, checkpoint):
     """A tmpfs with room for one export and a little more: the second export runs out of space for real."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
-                                                   capture_output=True).returncode:
+    mount = ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)]
+    if not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root")
     try:
         out, _ = previous_export(mnt, checkpoint)
