@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -42,7 +43,8 @@ def download(cache_dir=CACHE_DIR):
     if os.path.exists(path):  # only a verified download is ever renamed to this name
         return path
     import requests
-    hint = "download it by hand and pass its path: --data_path=FILE here, --hellaswag_path=FILE to train_gpt2.py"
+    hint = ("download it by hand and pass its path: --data_path=FILE here, --hellaswag_path=FILE to "
+            "train_gpt2.py")
     print(f"downloading {DATA_URL} to {path}")
     try:
         resp = requests.get(DATA_URL, timeout=60)
@@ -51,8 +53,8 @@ def download(cache_dir=CACHE_DIR):
         raise HellaSwagError(f"could not download {DATA_URL} ({e.__class__.__name__}); {hint}") from None
     digest = hashlib.sha256(resp.content).hexdigest()
     if digest != DATA_SHA256:
-        raise HellaSwagError(f"{DATA_URL} has sha256 {digest}, expected {DATA_SHA256} (cut download or changed "
-                             f"upstream); {hint}")
+        raise HellaSwagError(f"{DATA_URL} has sha256 {digest}, expected {DATA_SHA256} (cut download or "
+                             f"changed upstream); {hint}")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # a name per process: every rank of a run may download at once
     with open(tmp, "wb") as f:
@@ -61,22 +63,37 @@ def download(cache_dir=CACHE_DIR):
     return path
 
 
+def short(value, limit=40):
+    """repr of value, cut to limit characters: an error line stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_item(line):
-    """One jsonl line -> {"ctx": str, "endings": [4 str], "label": int}; ValueError says what is wrong."""
+    """One jsonl line (str or bytes) -> {"ctx": str, "endings": [4 str], "label": int}, or a ValueError."""
+    if isinstance(line, bytes):  # load_items reads bytes: a line that is not UTF-8 is named, not a traceback
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     try:
-        raw = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:  # load_items hands over bytes
-        raise ValueError(f"not UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+        raw = json.loads(line.lstrip("\ufeff"))  # a BOM, as some editors write one, is not JSON
+    except RecursionError:  # json recurses per level: [[[[...]]]] 100k deep is a RecursionError
+        raise ValueError("JSON nested too deeply to be a HellaSwag item") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise ValueError(f"not valid JSON ({getattr(e, 'msg', str(e)[:80])})") from None
     if not isinstance(raw, dict) or not all(k in raw for k in ("ctx", "endings", "label")):
         raise ValueError("expected a JSON object with keys ctx, endings, label")
     ctx, endings, label = raw["ctx"], raw["endings"], raw["label"]
     if not isinstance(ctx, str) or not isinstance(endings, list) or len(endings) != 4 \
             or not all(isinstance(e, str) for e in endings):
         raise ValueError("ctx must be a string and endings a list of 4 strings")
+    # nothing to score: an empty ending has no tokens of its own, and the first token of a row without
+    # context has nothing before it to predict it; such an item would count as answered with all losses 0
+    if not ctx.strip() or not all(e.strip() for e in endings):
+        raise ValueError("ctx and every ending must hold some text, not be empty or blank")
     if type(label) is not int or not 0 <= label < 4:
-        raise ValueError(f"label must be an integer 0-3, got {label!r}")
+        raise ValueError(f"label must be an integer 0-3, got {short(label)}")
     return {"ctx": ctx, "endings": endings, "label": label}
 
 
@@ -84,17 +101,22 @@ def load_items(path=None, cache_dir=CACHE_DIR):
     """The items of a HellaSwag jsonl file; path None: the full validation set (downloaded once)."""
     if path is None:
         path = download(cache_dir)
+    elif os.path.isdir(path):
+        raise HellaSwagError(f"HellaSwag file {path}: is a folder; pass the .jsonl file in it")
     elif not os.path.isfile(path):
         raise HellaSwagError(f"HellaSwag file {path}: no such file")
     items = []
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is an error naming it, not a traceback
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(parse_item(line))
-            except ValueError as e:
-                raise HellaSwagError(f"{path}:{lineno}: {e}") from None
+    try:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append(parse_item(line))
+                except ValueError as e:
+                    raise HellaSwagError(f"{path}:{lineno}: {e}") from None
+    except OSError as e:
+        raise HellaSwagError(f"HellaSwag file {path}: cannot read it ({e.strerror})") from None
     if not items:
         raise HellaSwagError(f"{path}: no items in the file")
     return items
@@ -151,6 +173,9 @@ def score(model, items, device, batch_size=8, autocast=nullcontext(), progress=F
     from gpt2_tokenizer import get_tokenizer
     enc = get_tokenizer()
     max_len = context_length(model)
+    if max_len < 2:  # one position predicts nothing: every loss would be 0
+        raise HellaSwagError(f"{type(model).__name__} reads {max_len} token; scoring needs a context of 2 "
+                             f"or more")
     rendered = [render(item, enc, max_len) for item in items]
     # longest items first: batches of similar lengths waste little compute on padding, and a batch
     # too big for memory fails at once rather than at the end
@@ -186,7 +211,8 @@ def score(model, items, device, batch_size=8, autocast=nullcontext(), progress=F
     return sum_loss, mean_loss
 
 
-def evaluate_counts(model, items, device, rank, world_size, autocast=nullcontext(), batch_size=8, progress=False):
+def evaluate_counts(model, items, device, rank, world_size, autocast=nullcontext(), batch_size=8,
+                    progress=False):
     """
     Correct answers (acc and acc_norm) over all items: this rank scores items[rank::world_size]
     and the counts are summed over ranks, so every rank returns the global numbers.
@@ -210,19 +236,29 @@ def load_model(args, device):
     """Our checkpoint (--checkpoint) or a Hugging Face causal LM (--model) on device, in eval mode."""
     import train_gpt2
     if args.checkpoint:
-        model = train_gpt2.model_from_checkpoint(args.checkpoint, device)
+        try:
+            model = train_gpt2.model_from_checkpoint(args.checkpoint, device)
+        except train_gpt2.ConfigError:
+            raise
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:  # a dict, not our GPT's
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise HellaSwagError(f"--checkpoint={args.checkpoint}: its weights do not fit a GPT "
+                                 f"({type(e).__name__}: {first}); pass a ckpt_*.pt from a --log_dir"
+                                 ) from None
     else:
         from transformers import AutoModelForCausalLM
-        if args.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        local = args.model.startswith(("/", "./", "../", "~"))
+        if local and not os.path.isdir(os.path.expanduser(args.model)):
             raise HellaSwagError(f"--model={args.model}: no such folder")
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model)
-        except (OSError, ValueError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        except Exception as e:  # transformers raises many kinds for a folder it cannot read
+            first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
             raise HellaSwagError(f"--model={args.model}: could not load it ({first_line})") from None
         if model.config.vocab_size < 50257:
             raise HellaSwagError(f"--model={args.model}: vocab of {model.config.vocab_size} ids; HellaSwag "
-                                 f"is tokenized with GPT-2's 50257, so the model must use the GPT-2 tokenizer")
+                                 f"is tokenized with GPT-2's 50257, so the model must use the GPT-2 "
+                                 f"tokenizer")
         model.to(device)
     return model.eval()
 
@@ -249,7 +285,8 @@ def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
         # logsumexp, timed alone on as many rows as the items have ending tokens
         t0 = time.perf_counter()
         token_losses(torch.randn(n_rows, n_embd, device=device), model.lm_head.weight,
-                     torch.randint(0, model.config.vocab_size, (n_rows,), device=device), model.config.vocab_size)
+                     torch.randint(0, model.config.vocab_size, (n_rows,), device=device),
+                     model.config.vocab_size)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         head_times.append(time.perf_counter() - t0)
@@ -265,12 +302,23 @@ def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
     return results, same
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(description="HellaSwag validation accuracy (completion style)")
+class UsageError(Exception):
+    """A flag argparse refused; main() prints it as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own: usage + message, several lines
+        raise UsageError(message)
+
+
+def parse_args(argv):
+    """The flags, each checked: UsageError names the flag and what to pass."""
+    parser = Parser(description="HellaSwag validation accuracy (completion style)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="Hugging Face model name or local dir: gpt2, ./hf_export")
     source.add_argument("--checkpoint", help="one of our checkpoints: log/ckpt_019073.pt")
-    parser.add_argument("--data_path", help="a local hellaswag_val.jsonl (default: download once into hellaswag/)")
+    parser.add_argument("--data_path",
+                        help="a local hellaswag_val.jsonl (default: download once into hellaswag/)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N items (0: all)")
     parser.add_argument("--batch_size", type=int, default=8, help="items per forward (4 rows each)")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
@@ -278,13 +326,24 @@ def main(argv):
     parser.add_argument("--benchmark", action="store_true", help="time batched vs one item per forward")
     parser.add_argument("--repeats", type=int, default=1, help="--benchmark: best of this many runs")
     args = parser.parse_args(argv)
+    for name in ("model", "checkpoint", "data_path"):
+        if getattr(args, name) == "":
+            raise UsageError(f"--{name} is empty; pass a value (--{name}=...) or leave the flag out")
     if not (args.model or args.checkpoint or args.benchmark):
-        parser.error("pass --model=NAME_OR_DIR, --checkpoint=PATH or --benchmark")
-    if args.batch_size < 1 or args.limit < 0:
-        parser.error("--batch_size must be >= 1 and --limit >= 0")
+        raise UsageError("pass --model=NAME_OR_DIR, --checkpoint=PATH or --benchmark")
+    for name, low in (("batch_size", 1), ("limit", 0), ("repeats", 1)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name}={getattr(args, name)}: must be >= {low}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device={args.device}: expected auto, cpu, cuda, cuda:N or mps")
+    return args
 
+
+def main(argv):
     import train_gpt2
+    from gpt2_tokenizer import TokenizerFilesError
     try:
+        args = parse_args(argv)
         items = load_items(args.data_path)
         items = items[:args.limit] if args.limit else items
         d = train_gpt2.setup_distributed(args.device)  # one process, or every rank under torchrun
@@ -297,9 +356,12 @@ def main(argv):
         t0 = time.perf_counter()
         counts = evaluate_counts(model, items, d.device, d.rank, d.world_size, autocast, args.batch_size,
                                  progress=d.master)
-    except (HellaSwagError, train_gpt2.ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, HellaSwagError, TokenizerFilesError, train_gpt2.ConfigError) as e:
+        print(f"error: {e}".replace("\n", " "), file=sys.stderr)  # a path may hold a newline: still one line
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     if d.master:
         total = counts["total"]
         print(f"{args.model or args.checkpoint}: acc {counts['correct'] / total:.4f} | acc_norm "
