@@ -8,13 +8,22 @@ What train_gpt2.py keeps in a --log_dir, and the rules that keep runs from clobb
 - run.json: the current line: its id, its branch tag, its newest checkpoint (what a bare --resume
   loads) and which runs' steps log.txt holds.
 - lock: held (flock) by the trainer working here; the OS lets go of it when that process dies.
+
+And the checkpoint files themselves: saving (temp name, then rename), loading (weights_only) with the keys a
+caller needs, the finite checks, the RNG state, which file a --resume means, and the checks that a run may
+continue from one. This module knows nothing of the model or of TrainConfig: callers pass plain values.
 """
 import glob
 import json
+import math
 import os
+import random
 import re
 import socket
 import uuid
+
+import numpy as np
+import torch
 
 try:
     import fcntl
@@ -25,8 +34,16 @@ CKPT_RE = re.compile(r"ckpt_(\d{6})(?:_(b\d+))?\.pt")
 _held = {}  # log_dir -> its open lock file, for this process
 
 
-class RunDirError(ValueError):
+class ConfigError(ValueError):
+    """Bad user input: the message names the flag or file and says what to do."""
+
+
+class RunDirError(ConfigError):
     """A --log_dir that this run must not use as it is: the message says what to do instead."""
+
+
+class UnreadableCheckpoint(ConfigError):
+    """A checkpoint file that torch.load cannot read (truncated, say)."""
 
 
 def checkpoints(log_dir, tag=None):
@@ -180,3 +197,126 @@ class RunDir:
     def close(self):
         _held.pop(os.path.realpath(self.dir), None)
         self.lock.close()  # closing the file releases the flock
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def save_checkpoint(path, state):
+    """torch.save to this process's temp name, then an atomic rename: a crash never leaves half a checkpoint."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed (disk full, Ctrl-C): no 500 MB leftover
+            os.remove(tmp)
+
+
+def load_checkpoint(path, keys=("model", "model_config")):
+    """One of our checkpoints, with at least keys in it; anything else is a one-line ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().split("\n")[0]  # torch's messages run to many lines
+        raise UnreadableCheckpoint(f"checkpoint {path} could not be read ({first}); "
+                                   f"pass a ckpt_*.pt from a --log_dir") from None
+    missing = sorted(set(keys) - (set(ckpt) if isinstance(ckpt, dict) else set()))
+    if missing:
+        raise ConfigError(f"{path} is not a train_gpt2.py checkpoint (no {', '.join(missing)} in it); "
+                          f"pass a ckpt_*.pt from a --log_dir")
+    return ckpt
+
+
+def list_checkpoints(log_dir):
+    """The checkpoints of log_dir's current line, oldest first: [-1] is what --resume takes."""
+    rec = read_record(log_dir)
+    return [path for _, _, path in checkpoints(log_dir, rec.get("tag", "") if rec else None)]
+
+
+def first_nonfinite(state, name=""):
+    """The name of the first tensor or float in a nested state dict that is NaN or inf, else None."""
+    if isinstance(state, dict):
+        state = state.items()
+    elif isinstance(state, (list, tuple)):
+        state = enumerate(state)
+    elif isinstance(state, (torch.Tensor, float)):
+        return None if torch.isfinite(torch.as_tensor(state)).all() else name
+    else:
+        return None
+    return next((bad for k, v in state if (bad := first_nonfinite(v, f"{name}.{k}".lstrip(".")))), None)
+
+
+RESUME_KEYS = ("model", "optimizer", "step", "config", "model_config", "loader", "rng", "log_pos")
+
+
+def load_resume_checkpoint(log_dir, resume):
+    """(path, checkpoint) for --resume: "latest" is the newest of log_dir's line. A damaged file names the
+    newest intact older checkpoint of its line; one with NaN or inf weights is refused."""
+    path = latest_checkpoint(log_dir) if resume == "latest" else resume
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in --log_dir={log_dir}; "
+                          f"start without --resume or pass --resume=PATH")
+    try:
+        ckpt = load_checkpoint(path, RESUME_KEYS)
+    except UnreadableCheckpoint as e:
+        m = CKPT_RE.fullmatch(os.path.basename(path))
+        step, tag = (int(m[1]), m[2] or "") if m else (math.inf, None)
+        older = [p for s, _, p in reversed(checkpoints(os.path.dirname(path) or ".", tag)) if s < step]
+        intact = next((p for p in older if _loads(p)), None)
+        raise ConfigError(f"{e}; " + (f"the newest intact one before it is {intact}: resume with --resume={intact}"
+                                      if intact else "no older intact checkpoint is there")) from None
+    if first_nonfinite(ckpt["model"]):  # only an older version wrote such files
+        raise ConfigError(f"--resume={path}: weight {first_nonfinite(ckpt['model'])} is NaN or inf; "
+                          f"resume from an older checkpoint with --resume=PATH")
+    return path, ckpt
+
+
+def _loads(path):
+    try:
+        return load_checkpoint(path) is not None
+    except ConfigError:
+        return False
+
+
+def check_compatible(ckpt, config, model_config=None, source=None):
+    """A run may continue from ckpt only with the same tokens per step, optimizer and model shape."""
+    saved = ckpt["config"]
+    if saved["total_batch_size"] != config["total_batch_size"]:
+        raise ConfigError(f"--total_batch_size={config['total_batch_size']} differs from the checkpoint's "
+                          f"{saved['total_batch_size']}: the LR schedule and data position are counted in its "
+                          f"steps; keep it (--batch_size and GPU count may change)")
+    if saved.get("optimizer", "adamw") != config["optimizer"]:
+        raise ConfigError(f"--optimizer={config['optimizer']} differs from the checkpoint's; resume with its own")
+    if model_config is not None:
+        check_model_config(ckpt["model_config"], model_config, source)
+
+
+def check_model_config(saved, current, source):
+    for key, value in saved.items():
+        if current.get(key) != value:
+            raise ConfigError(f"{source} was trained with {key}={value}, this run has {key}={current.get(key)}; "
+                              f"drop --{key} or pass --{key}={value}")
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
+                  "has_gauss": np_state[3], "gauss": np_state[4]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    s = state["numpy"]
+    np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -6,7 +6,7 @@ Train GPT-2 (124M) from scratch, in one file.
     torchrun --standalone --nproc_per_node=8 train_gpt2.py     # the GPT-2 124M reproduction, 8 GPUs
     torchrun --standalone --nproc_per_node=8 train_gpt2.py --resume   # continue from the newest checkpoint
 
-Every field of TrainConfig below is a flag: --name=value (python train_gpt2.py --help lists them).
+Every field of TrainConfig below is a flag, --name=value or --name value (--help lists them).
 Importing this file runs nothing: `from train_gpt2 import GPT, GPTConfig`.
 """
 
@@ -32,7 +32,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flags
 import run_dir
+from run_dir import ConfigError
 from muon import Muon, Optimizers  # --optimizer=muon
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
 
@@ -54,19 +56,19 @@ class TrainConfig:
     block_size: int = 1024  # tokens of context (T)
     init_from: str = "scratch"  # "scratch", or a GPT.from_pretrained name/path (gpt2, ./hf_dir)
     # batch: grad accumulation steps = total_batch_size / (batch_size * block_size * world size)
-    batch_size: int = 0  # sequences per micro-batch per rank (B); 0: auto, 64 or what the GPU fits (auto_batch_size)
+    batch_size: int = 0  # sequences per micro-batch per rank (B); 0: auto, 64 or what the GPU fits
     total_batch_size: int = 524_288  # tokens per optimizer step, 2**19 ~ 0.5M as in GPT-3 Small
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches (as HF GPT-2); 0 for 124M
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches (HF GPT-2's places)
     # optimizer and schedule (GPT-3 paper, table 2.1 and appendix B)
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW (max_lr) for the rest
-    muon_lr: float = 0.0018  # Muon's peak LR (update RMS 0.2 * lr; modded-nanogpt's 124M value), max_lr's schedule
+    muon_lr: float = 0.0018  # Muon's peak LR (update RMS 0.2 * lr), on max_lr's schedule
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio
     lr_schedule: str = "cosine"  # cosine, or wsd: warmup, constant, then linear decay (Hu et al. 2024)
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly
     warmup_steps: int = 715  # steps of linear LR warmup: 375M tokens / 2**19 tokens per step
-    max_steps: int = 19_073  # steps in all: 10B tokens / 2**19 tokens per step = one epoch of FineWeb-Edu 10B
+    max_steps: int = 19_073  # steps in all: 10B tokens / 2**19 per step = one epoch of FineWeb-Edu 10B
     weight_decay: float = 0.1  # AdamW, on 2-D tensors (matmuls, embeddings) only
     beta1: float = 0.9  # AdamW
     beta2: float = 0.95  # AdamW
@@ -83,14 +85,13 @@ class TrainConfig:
     checkpoint_interval: int = 5000  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in log_dir; 0 keeps all
     resume: str = ""  # "--resume" alone: newest checkpoint of the run in log_dir; or a checkpoint path
-    start_over: bool = False  # a fresh run in a log_dir holding checkpoints moves them into log_dir/old_N/ first
+    start_over: bool = False  # a fresh run in a log_dir holding checkpoints moves them into log_dir/old_N/
     # system
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     backend: str = "auto"  # torch.distributed backend: auto (nccl on cuda, gloo otherwise), nccl, gloo
     dist_timeout: int = 600  # seconds a rank waits for the others in a collective before the job fails
     dtype: str = "bfloat16"  # autocast dtype: bfloat16 or float32 (no autocast)
     compile: typing.Optional[bool] = None  # torch.compile; unset: on for cuda only
-    cudnn_attention: bool = True  # try cuDNN's SDPA kernel first (CUDA); false: PyTorch's default order
     zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
     stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
@@ -100,71 +101,31 @@ class TrainConfig:
 
 # A preset is only a dict of flag values; explicit flags still override it.
 PRESETS = {
-    # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in about 5 minutes
+    # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in a few minutes (docs/muon.md)
     "shakespeare": dict(
         data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
         total_batch_size=4096, max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50,
-        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,  # val 5.60 -> 4.99
+        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,
         checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
-        compile=True,  # on a CPU too: ~1.6x faster steps after a ~30 s compile
+        compile=True,  # on a CPU too: faster steps after a ~30 s compile
     ),
-    # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records (a 124M GPT-2 then),
-    # for 2B tokens; measured at small scale only (README: "Fewer tokens")
-    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, warmup_steps=0,
-                      lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
+    # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records, for 2B tokens;
+    # measured at small scale only (docs/muon.md)
+    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, warmup_steps=0, lr_schedule="wsd",
+                      decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
 }
 
 
-class ConfigError(ValueError):
-    """Bad user input: the message names the flag or file and says what to do."""
-
-
-def _parse_value(name, text, typ):
-    if typ is bool or typ == typing.Optional[bool]:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        if typ != bool and low in ("auto", "none", ""):
-            return None
-        raise ConfigError(f"--{name}={text}: expected true/false/1/0")
-    try:
-        return typ(text)
-    except ValueError:
-        raise ConfigError(f"--{name}={text}: expected a value of type {typ.__name__}") from None
-
-
 def parse_args(argv):
-    """Builds a TrainConfig from --name=value flags, after applying --preset if given."""
-    hints = typing.get_type_hints(TrainConfig)
-    flags = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: flags look like --name=value")
-        name, has_value, text = arg[2:].partition("=")
-        if name not in hints:
-            valid = " ".join(f"--{f}" for f in hints)
-            raise ConfigError(f"unknown flag --{name}; valid flags: {valid}")
-        if not has_value:  # a bare flag: true for booleans, "latest" for --resume
-            if name == "resume":
-                text = "latest"
-            elif hints[name] in (bool, typing.Optional[bool]):
-                text = "true"
-            else:
-                raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
-        flags[name] = _parse_value(name, text, hints[name])
-    values = {}
-    if flags.get("preset"):
-        if flags["preset"] not in PRESETS:
-            raise ConfigError(f"--preset={flags['preset']}: unknown preset; choose from {', '.join(PRESETS)}")
-        values.update(PRESETS[flags["preset"]])
-    values.update(flags)
-    return TrainConfig(**values)
+    """A TrainConfig: the defaults, then --preset's values, then the flags given (flags.py)."""
+    given = flags.parse_flags(TrainConfig, argv, bare={"resume": "latest"})
+    if given.get("preset") and given["preset"] not in PRESETS:
+        raise ConfigError(f"--preset={given['preset']}: unknown preset; choose from {', '.join(PRESETS)}")
+    return TrainConfig(**{**PRESETS.get(given.get("preset") or "", {}), **given})
 
 
 def validate_config(cfg):
-    """Every flag checked before anything is built or read: numbers finite and > 0 (these) or >= 0 (the rest)."""
+    """Every flag checked before anything is built or read; numbers finite and > 0 (these) or >= 0."""
     positive = {"n_layer", "n_head", "n_embd", "block_size", "total_batch_size", "max_steps",
                 "val_tokens", "max_lr", "dist_timeout"}
     for name, typ in typing.get_type_hints(TrainConfig).items():
@@ -176,7 +137,7 @@ def validate_config(cfg):
     if cfg.seed >= 2**32:
         raise ConfigError(f"--seed={cfg.seed}: must be below 2**32, numpy's seed range")
     if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one of them")
+        raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one")
     for name, choices in (("dtype", ("bfloat16", "float32")), ("optimizer", ("adamw", "muon")),
                           ("lr_schedule", ("cosine", "wsd"))):
         if getattr(cfg, name) not in choices:
@@ -185,12 +146,15 @@ def validate_config(cfg):
         raise ConfigError("--dropout must be in [0, 1) and --decay_fraction in [0, 1]")
     if cfg.optimizer == "muon" and cfg.zero1:
         raise ConfigError("--zero1 shards AdamW's state only; drop it with --optimizer=muon")
-    if re.fullmatch(r"(openai-community/)?gpt2(-medium|-large|-xl)?", cfg.init_from) and cfg.block_size > 1024:
-        raise ConfigError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s 1024; pass --block_size=1024")
+    openai = re.fullmatch(r"(openai-community/)?gpt2(-medium|-large|-xl)?", cfg.init_from)
+    if openai and cfg.block_size > 1024:
+        raise ConfigError(f"--block_size={cfg.block_size} exceeds {cfg.init_from}'s 1024; "
+                          f"pass --block_size=1024")
     if cfg.num_samples and not cfg.sample_prompt:
-        raise ConfigError("--sample_prompt is empty: give samples a prompt to continue, or pass --num_samples=0")
+        raise ConfigError("--sample_prompt is empty: give samples a prompt, or pass --num_samples=0")
     if cfg.data.endswith(".npy"):
-        raise ConfigError(f"--data={cfg.data} is one shard; pass its folder: --data={os.path.dirname(cfg.data) or '.'}")
+        raise ConfigError(f"--data={cfg.data} is one shard; pass its folder: "
+                          f"--data={os.path.dirname(cfg.data) or '.'}")
     check_writable(cfg.log_dir, "--log_dir")
 
 
@@ -799,7 +763,7 @@ def build_data(cfg, B, T, rank, world_size):
     return loader, val
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation, sampling, checkpoints
+# Evaluation and sampling
 
 
 def get_lr(step, cfg):
@@ -844,91 +808,12 @@ def sample_texts(model, prompt, num_samples, max_new_tokens, device, seed=42, us
     return [enc.decode(row.tolist()) for row in out]
 
 
-def save_checkpoint(path, state):
-    """torch.save to this process's temp name, then an atomic rename: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # the write failed (disk full, Ctrl-C): no 500 MB leftover
-            os.remove(tmp)
-
-
-def list_checkpoints(log_dir):
-    """The checkpoints of log_dir's current line (see run_dir.py), oldest first: [-1] is what --resume takes."""
-    rec = run_dir.read_record(log_dir)
-    return [path for _, _, path in run_dir.checkpoints(log_dir, rec.get("tag", "") if rec else None)]
-
-
-def first_nonfinite(state, name=""):
-    """The name of the first tensor or float in a nested state dict that is NaN or inf, else None."""
-    if isinstance(state, dict):
-        state = state.items()
-    elif isinstance(state, (list, tuple)):
-        state = enumerate(state)
-    elif isinstance(state, (torch.Tensor, float)):
-        return None if torch.isfinite(torch.as_tensor(state)).all() else name
-    else:
-        return None
-    return next((bad for k, v in state if (bad := first_nonfinite(v, f"{name}.{k}".lstrip(".")))), None)
-
-
-class UnreadableCheckpoint(ConfigError):
-    """A checkpoint file that torch.load cannot read (truncated, say)."""
-
-
-def load_checkpoint(path, keys=("model", "model_config")):
-    """One of our checkpoints, with at least keys in it; anything else is a one-line ConfigError."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().split("\n")[0]  # torch's messages run to many lines
-        raise UnreadableCheckpoint(f"checkpoint {path} could not be read ({first}); "
-                                   f"pass a ckpt_*.pt from a --log_dir") from None
-    missing = sorted(set(keys) - (set(ckpt) if isinstance(ckpt, dict) else set()))
-    if missing:
-        raise ConfigError(f"{path} is not a train_gpt2.py checkpoint (no {', '.join(missing)} in it); "
-                          f"pass a ckpt_*.pt from a --log_dir")
-    return ckpt
-
-
 def model_from_checkpoint(path, device="cpu"):
     """A GPT with the weights of one of our checkpoints (for sampling, eval, export)."""
-    ckpt = load_checkpoint(path)
+    ckpt = run_dir.load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device)
-
-
-def check_model_config(saved, current, source):
-    for key, value in saved.items():
-        if current.get(key) != value:
-            raise ConfigError(f"{source} was trained with {key}={value}, this run has {key}={current.get(key)}; "
-                              f"drop --{key} or pass --{key}={value}")
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
-                  "has_gauss": np_state[3], "gauss": np_state[4]},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    s = state["numpy"]
-    np.random.set_state(("MT19937", s["key"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup and small helpers
@@ -1009,13 +894,10 @@ def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
 
 def reuse_freed_memory():
     """
-    Have glibc's malloc keep freed blocks of up to 32 MiB in the process for the next step instead of
-    handing them back to the kernel. A CPU step frees and reallocates the same tens of MB every time
-    (the head's chunk buffers, wte's gradient), and pages that were given back come back zeroed, one
-    page fault per 4 KiB: on the 4-layer bench model that was ~180 MB of faults a step, and the step
-    ran ~7% faster without them.
-    Setting any threshold turns off glibc's self-tuning of both, so both are set. Returns whether
-    they took; False (nothing changed) where the C library is not glibc.
+    Have glibc's malloc keep freed blocks of up to 32 MiB for the next step instead of handing them back to
+    the kernel: a CPU step frees and reallocates the same tens of MB every time, and pages given back come
+    back zeroed, one page fault per 4 KiB (docs/performance.md). Setting any threshold turns off glibc's
+    self-tuning of both, so both are set. Returns False, changing nothing, where the C library is not glibc.
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
     try:
@@ -1049,58 +931,48 @@ def fmt_count(x):
 # Training
 
 
+def print0(*args, **kwargs):
+    """print on rank 0 only (torchrun's RANK; a single process is rank 0)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+@dataclass
+class Run:
+    """What the steps of the loop share: the config, the machine, the model's three handles, the data."""
+    cfg: TrainConfig
+    d: DistInfo
+    B: int  # sequences per micro-batch
+    T: int  # tokens per sequence
+    grad_accum: int  # micro-batches per optimizer step and rank
+    autocast: typing.Any
+    raw_model: typing.Any = None  # the weights: checkpoints, samples and HellaSwag read this one
+    compiled: typing.Any = None  # raw_model compiled (or itself): evaluation calls this
+    model: typing.Any = None  # compiled and, across ranks, DDP-wrapped: training calls this
+    optimizer: typing.Any = None
+    loader: typing.Any = None
+    val_sources: list = None
+    hellaswag_items: list = None
+    folder: typing.Any = None  # run_dir.RunDir on rank 0, None on the others
+
+
 def resolve_resume(cfg, explicit):
     """The checkpoint to resume from, and the run config: the checkpoint's, with explicit flags on top."""
-    path = cfg.resume if cfg.resume != "latest" else run_dir.latest_checkpoint(cfg.log_dir)
-    if path is None:
-        raise ConfigError(f"--resume: no checkpoint (ckpt_*.pt) in --log_dir={cfg.log_dir}; "
-                          f"start without --resume or pass --resume=PATH")
-    try:
-        ckpt = load_checkpoint(path, ("model", "optimizer", "step", "config", "model_config", "loader", "rng",
-                                      "log_pos"))
-    except UnreadableCheckpoint as e:
-        # a damaged file (truncated, say): name the newest older checkpoint of its line that loads
-        m = run_dir.CKPT_RE.fullmatch(os.path.basename(path))
-        step, tag = (int(m[1]), m[2] or "") if m else (math.inf, None)
-        older = [p for s, _, p in reversed(run_dir.checkpoints(os.path.dirname(path) or ".", tag)) if s < step]
-        intact = next((p for p in older if _loads(p)), None)
-        raise ConfigError(f"{e}; " + (f"the newest intact one before it is {intact}: resume with --resume={intact}"
-                                      if intact else "no older intact checkpoint is there")) from None
-    if first_nonfinite(ckpt["model"]):  # only an older version wrote such files
-        raise ConfigError(f"--resume={path}: weight {first_nonfinite(ckpt['model'])} is NaN or inf; "
-                          f"resume from an older checkpoint with --resume=PATH")
+    path, ckpt = run_dir.load_resume_checkpoint(cfg.log_dir, cfg.resume)
     # stop_step, start_over and verify_shards belong to one invocation (one job of a split run), not to the run
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "start_over", "verify_shards"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
-    values.update(explicit)
-    values["resume"] = path
-    return ckpt, TrainConfig(**values)
+    return ckpt, TrainConfig(**{**values, **explicit, "resume": path})
 
 
-def _loads(path):
-    try:
-        return load_checkpoint(path) is not None
-    except ConfigError:
-        return False
-
-
-def train(cfg, explicit=None):
-    """Runs (or resumes) one training run; returns a summary dict. Called by main() on every rank."""
-    ckpt = None
-    if cfg.resume:
-        ckpt, cfg = resolve_resume(cfg, explicit if explicit is not None else {})
-    validate_config(cfg)
+def set_up(cfg):
+    """The machine, the batch layout, the seeds and numerics: a Run with nothing built yet."""
     d = setup_distributed(cfg.device, cfg.backend, cfg.dist_timeout)
-    print0 = print if d.master else (lambda *a, **k: None)
     B, T = cfg.batch_size or auto_batch_size(cfg, d), cfg.block_size
     if cfg.total_batch_size % (B * T * d.world_size) != 0:
         raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of --batch_size * "
                           f"--block_size * world size = {B}*{T}*{d.world_size}; make it a multiple of "
                           f"{B * T * d.world_size}")
-    grad_accum = cfg.total_batch_size // (B * T * d.world_size)
-    # rank 0 locks log_dir (a second trainer there is refused) and picks this run's checkpoint names
-    run = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over) if d.master else None
-
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
@@ -1115,199 +987,248 @@ def train(cfg, explicit=None):
         torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-filling of new tensors
     autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
+    return Run(cfg, d, B, T, cfg.total_batch_size // (B * T * d.world_size), autocast)
 
-    loader, val_sources = build_data(cfg, B, T, d.rank, d.world_size)  # bad --data fails before the model
 
-    # model: raw_model holds the weights; model is what training calls (compiled, DDP-wrapped)
+def build_model(r, ckpt):
+    """raw_model from scratch, a pretrained model or a checkpoint; then compiled and DDP-wrapped."""
+    cfg, d = r.cfg, r.d
     if ckpt is None and cfg.init_from != "scratch":
         raw_model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     else:  # a checkpoint holds every weight: an --init_from source is never read again
-        wanted = GPTConfig(block_size=T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+        wanted = GPTConfig(block_size=r.T, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                            dropout=cfg.dropout)
         if ckpt is not None and cfg.init_from == "scratch":
-            check_model_config(ckpt["model_config"], dataclasses.asdict(wanted), cfg.resume)
+            run_dir.check_model_config(ckpt["model_config"], dataclasses.asdict(wanted), cfg.resume)
         raw_model = GPT(GPTConfig(**ckpt["model_config"]) if ckpt is not None else wanted)
-    if T > raw_model.config.block_size:
-        raise ConfigError(f"--block_size={T} exceeds {cfg.resume or cfg.init_from}'s {raw_model.config.block_size}; "
-                          f"pass --block_size={raw_model.config.block_size} or less")
-    model_config = dataclasses.asdict(raw_model.config)
+    if r.T > raw_model.config.block_size:
+        raise ConfigError(f"--block_size={r.T} exceeds {cfg.resume or cfg.init_from}'s "
+                          f"{raw_model.config.block_size}; pass --block_size={raw_model.config.block_size} or less")
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
-    raw_model.to(d.device)
-    compiled = torch.compile(raw_model) if (cfg.compile if cfg.compile is not None else d.device_type == "cuda") \
-        else raw_model
-    model = compiled
+    r.raw_model = raw_model.to(d.device)
+    r.compiled = r.model = torch.compile(raw_model) if (
+        cfg.compile if cfg.compile is not None else d.device_type == "cuda") else raw_model
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
+        r.model = DDP(r.compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,  # Newton-Schulz in bf16 if the run is (not MPS)
                 ns_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" and d.device_type != "mps" else torch.float32)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                                               d.device_type, zero1=cfg.zero1 and d.world_size > 1,
-                                               muon=muon if cfg.optimizer == "muon" else None)
+    r.optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
+                                                 d.device_type, zero1=cfg.zero1 and d.world_size > 1,
+                                                 muon=muon if cfg.optimizer == "muon" else None)
 
-    log_path = os.path.join(cfg.log_dir, "log.txt")
-    start_step, val_loss = 0, None
-    if ckpt is not None:
-        if ckpt["config"]["total_batch_size"] != cfg.total_batch_size:
-            raise ConfigError(f"--total_batch_size={cfg.total_batch_size} differs from the checkpoint's "
-                              f"{ckpt['config']['total_batch_size']}: the LR schedule and data position are "
-                              f"counted in its steps; keep it (--batch_size and GPU count may change)")
-        if ckpt["config"].get("optimizer", "adamw") != cfg.optimizer:
-            raise ConfigError(f"--optimizer={cfg.optimizer} differs from the checkpoint's; resume with its own")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
-        start_step, val_loss = ckpt["step"], ckpt["val_loss"]
-    if d.master:
-        run.begin()
 
-    hellaswag_items = None
-    if cfg.hellaswag:
-        import hellaswag
-        if d.world_size > 1 and not d.master:
-            dist.barrier()  # rank 0 downloads the file first, the others then read it
-        try:
-            hellaswag_items = hellaswag.load_items(cfg.hellaswag_path or None)
-        except hellaswag.HellaSwagError as e:
-            raise ConfigError(f"--hellaswag_path: {e}") from None
-        if d.world_size > 1 and d.master:
-            dist.barrier()
+def restore(r, ckpt):
+    """Optimizer, data position and RNG from a checkpoint this run may continue; (start step, val loss)."""
+    if ckpt is None:
+        return 0, None
+    run_dir.check_compatible(ckpt, dataclasses.asdict(r.cfg))
+    r.optimizer.load_state_dict(ckpt["optimizer"])
+    r.loader.load_state_dict(ckpt["loader"])
+    run_dir.set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["val_loss"]
 
-    flops_per_step = raw_model.flops_per_token() * cfg.total_batch_size
-    peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+
+def load_hellaswag(cfg, d):
+    if not cfg.hellaswag:
+        return None
+    import hellaswag
+    if d.world_size > 1 and not d.master:
+        dist.barrier()  # rank 0 downloads the file first, the others then read it
+    try:
+        items = hellaswag.load_items(cfg.hellaswag_path or None)
+    except hellaswag.HellaSwagError as e:
+        raise ConfigError(f"--hellaswag_path: {e}") from None
+    if d.world_size > 1 and d.master:
+        dist.barrier()
+    return items
+
+
+def print_start(r, ckpt, start_step, peak):
+    cfg = r.cfg
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}")
-    print0(f"model: {raw_model.num_params() / 1e6:.2f}M params | device {d.device} x {d.world_size} | "
-           f"grad accum {grad_accum} | micro-batch {B}{'' if cfg.batch_size else ' (auto)'} | "
-           f"{cfg.total_batch_size} tokens/step | measured peak "
-           f"{peak / 1e12:.2f} TFLOP/s per device" + (f" | resuming at step {start_step}" if ckpt else ""))
+    print0(f"model: {r.raw_model.num_params() / 1e6:.2f}M params | device {r.d.device} x {r.d.world_size} | "
+           f"grad accum {r.grad_accum} | micro-batch {r.B}{'' if cfg.batch_size else ' (auto)'} | "
+           f"{cfg.total_batch_size} tokens/step | measured peak {peak / 1e12:.2f} TFLOP/s per device"
+           + (f" | resuming at step {start_step}" if ckpt else ""))
     if cfg.warmup_steps >= cfg.max_steps:
-        print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never leaves its "
-               f"warmup (it ends at {get_lr(cfg.max_steps - 1, cfg):.1e}, not {cfg.max_lr:.1e}); lower --warmup_steps")
+        print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never leaves "
+               f"its warmup (it ends at {get_lr(cfg.max_steps - 1, cfg):.1e}, not {cfg.max_lr:.1e}); "
+               f"lower --warmup_steps")
     if ckpt is not None and ckpt["config"]["max_steps"] != cfg.max_steps:
         was = dataclasses.replace(cfg, max_steps=ckpt["config"]["max_steps"])
-        print0(f"warning: --max_steps={cfg.max_steps} differs from the checkpoint's {was.max_steps}: the cosine LR "
-               f"schedule is redrawn over the new length (step {start_step}: lr {get_lr(start_step, cfg):.1e}, "
+        print0(f"warning: --max_steps={cfg.max_steps} differs from the checkpoint's {was.max_steps}: the cosine "
+               f"LR schedule is redrawn over the new length (step {start_step}: lr {get_lr(start_step, cfg):.1e}, "
                f"{get_lr(start_step, was):.1e} in the original schedule)")
 
-    # preemption and Ctrl-C: finish the step, checkpoint, exit; a second signal kills at once
-    stop = {"signal": 0}
 
-    def on_signal(signum, frame):
-        stop["signal"] = signum
+class StopSignal:
+    """Preemption and Ctrl-C: the step finishes, a checkpoint is written, the run exits; a second signal kills."""
+
+    def __init__(self, install):
+        self.signum = 0
+        if install:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signum = signum
         signal.signal(signum, signal.SIG_DFL)
-    if d.master or d.world_size > 1:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, on_signal)
 
-    def nonfinite_error(step, what):
-        good = (run.latest or "none") if run else "(see rank 0)"
-        return FloatingPointError(f"step {step}: {what}; last good checkpoint: {good} -- resume from it with "
-                                  f"--resume and a lower --max_lr, or start again with one")
 
-    def checkpoint(step):
-        if cfg.zero1 and d.world_size > 1:
-            optimizer.consolidate_state_dict(to=0)  # collective: every rank takes part
-        bad = first_nonfinite(raw_model.state_dict())  # the same on every rank, so all stop together
-        if bad:
-            raise nonfinite_error(step, f"weight {bad} is NaN or inf, so no checkpoint is written")
-        if not d.master:
-            return
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "config": dataclasses.asdict(cfg), "model_config": model_config, "val_loss": val_loss,
-                 "loader": loader.state_dict(), "rng": rng_state(), "run": run.run, "tag": run.tag,
-                 "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
-        bad = first_nonfinite(state["optimizer"])  # AdamW's dict, or Muon's and AdamW's in a list
-        if bad:
-            raise nonfinite_error(step, f"optimizer state {bad} is NaN or inf, so no checkpoint is written")
-        save_checkpoint(run.path(step), state)
-        run.saved(run.path(step), cfg.keep_checkpoints)
-        print0(f"checkpoint: {run.path(step)}")
+def nonfinite_error(r, step, what):
+    good = (r.folder.latest or "none") if r.folder else "(see rank 0)"
+    return FloatingPointError(f"step {step}: {what}; last good checkpoint: {good} -- resume from it with "
+                              f"--resume and a lower --max_lr, or start again with one")
+
+
+def evaluate(r, step):
+    """Val loss (every rank), HellaSwag and samples at an eval step; returns the val loss."""
+    cfg, d = r.cfg, r.d
+    log_path = os.path.join(cfg.log_dir, "log.txt")
+    val_loss = evaluate_loss(r.compiled, r.val_sources, r.B, r.T, cfg.val_tokens, d, r.autocast)
+    print0(f"step {step} | val loss {val_loss:.4f}")
+    if d.master:
+        append_log(log_path, f"{step} val {val_loss:.4f}")
+    if r.hellaswag_items is not None:
+        import hellaswag
+        counts = hellaswag.evaluate_counts(r.raw_model, r.hellaswag_items, d.device, d.rank, d.world_size,
+                                           autocast=r.autocast, batch_size=max(1, r.B // 4))
+        acc_norm = counts["correct_norm"] / max(1, counts["total"])
+        print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
+        if d.master:
+            append_log(log_path, f"{step} hella {acc_norm:.4f}")
+    if d.master and cfg.num_samples > 0:
+        with r.autocast:
+            for text in sample_texts(r.raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
+                                     d.device, seed=cfg.seed + step):
+                print(f"sample: {text!r}")
+    return val_loss
+
+
+def train_step(r, step):
+    """Gradients of one optimizer step over grad_accum micro-batches, clipped; (mean loss, grad norm, lr)."""
+    cfg, d, model = r.cfg, r.d, r.model
+    model.train()
+    r.optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=d.device)
+    for micro_step in range(r.grad_accum):
+        x, y = r.loader.next_batch()
+        if d.device_type == "cuda":  # page-locked, so the copies are truly async: no host sync in this loop
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        # sync gradients across ranks only on the last micro-step; no_sync() must cover the
+        # forward too, since DDP arms its reducer there
+        sync = d.world_size == 1 or micro_step == r.grad_accum - 1
+        with (nullcontext() if sync else model.no_sync()):
+            with r.autocast:
+                _, loss = model(x, y)
+            # the mean over the whole batch is the mean of micro-batch means / grad_accum
+            loss = loss / r.grad_accum
+            loss_accum += loss.detach()
+            loss.backward()
+    if d.world_size > 1:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        loss_accum /= d.world_size
+    norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    lr = get_lr(step, cfg)
+    for group in r.optimizer.param_groups:  # Muon's groups: the same schedule, from --muon_lr
+        group["lr"] = lr * cfg.muon_lr / cfg.max_lr if group.get("muon") else lr
+    return loss_accum, norm, lr
+
+
+def update(r, step, loss_val, norm_val):
+    """The optimizer step, unless the loss or grad norm is NaN/inf: then stop, or skip with --skip_nonfinite."""
+    if math.isfinite(loss_val) and math.isfinite(norm_val):
+        return r.optimizer.step()
+    what = f"non-finite loss {loss_val} / grad norm {norm_val}"
+    bad = run_dir.first_nonfinite(r.raw_model.state_dict())
+    if bad:  # skipping cannot help: the weights themselves are gone
+        raise nonfinite_error(r, step, f"{what}: weight {bad} is NaN or inf")
+    if not r.cfg.skip_nonfinite:
+        raise nonfinite_error(r, step, what + " (--skip_nonfinite=true skips such steps)")
+    print0(f"step {step}: {what} -- step skipped (--skip_nonfinite)")
+    r.optimizer.zero_grad(set_to_none=True)
+
+
+def checkpoint(r, steps_done, val_loss):
+    """Every rank calls it (--zero1 gathers the state collectively); rank 0 writes it if all of it is finite."""
+    cfg, d, run = r.cfg, r.d, r.folder
+    if cfg.zero1 and d.world_size > 1:
+        r.optimizer.consolidate_state_dict(to=0)
+    bad = run_dir.first_nonfinite(r.raw_model.state_dict())  # the same on every rank, so all stop together
+    if bad:
+        raise nonfinite_error(r, steps_done, f"weight {bad} is NaN or inf, so no checkpoint is written")
+    if not d.master:
+        return
+    log_path = os.path.join(cfg.log_dir, "log.txt")
+    state = {"model": r.raw_model.state_dict(), "optimizer": r.optimizer.state_dict(), "step": steps_done,
+             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(r.raw_model.config),
+             "val_loss": val_loss, "loader": r.loader.state_dict(), "rng": run_dir.rng_state(), "run": run.run,
+             "tag": run.tag, "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
+    bad = run_dir.first_nonfinite(state["optimizer"])  # AdamW's dict, or Muon's and AdamW's in a list
+    if bad:
+        raise nonfinite_error(r, steps_done, f"optimizer state {bad} is NaN or inf, so no checkpoint is written")
+    run_dir.save_checkpoint(run.path(steps_done), state)
+    run.saved(run.path(steps_done), cfg.keep_checkpoints)
+    print0(f"checkpoint: {run.path(steps_done)}")
+
+
+def train(cfg, explicit=None):
+    """Runs (or resumes) one training run; returns a summary dict. Called by main() on every rank."""
+    # set up: everything that can refuse the command is checked before log_dir is touched
+    ckpt = None
+    if cfg.resume:
+        ckpt, cfg = resolve_resume(cfg, explicit or {})
+    validate_config(cfg)
+    r = set_up(cfg)
+    d = r.d
+    r.loader, r.val_sources = build_data(cfg, r.B, r.T, d.rank, d.world_size)  # bad --data: before the model
+    build_model(r, ckpt)
+    start_step, val_loss = restore(r, ckpt)
+    r.hellaswag_items = load_hellaswag(cfg, d)
+    if d.master:  # rank 0 locks log_dir, picks this run's checkpoint names and lines the log up with them
+        r.folder = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over)
+        r.folder.begin()
+    flops_per_step = r.raw_model.flops_per_token() * cfg.total_batch_size
+    peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    print_start(r, ckpt, start_step, peak)
+    stop = StopSignal(install=d.master or d.world_size > 1)
 
     step_times, step = [], start_step
     for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
         if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
-            val_loss = evaluate_loss(compiled, val_sources, B, T, cfg.val_tokens, d, autocast)
-            print0(f"step {step} | val loss {val_loss:.4f}")
-            if d.master:
-                append_log(log_path, f"{step} val {val_loss:.4f}")
-            if hellaswag_items is not None:
-                import hellaswag
-                counts = hellaswag.evaluate_counts(raw_model, hellaswag_items, d.device, d.rank, d.world_size,
-                                                   autocast=autocast, batch_size=max(1, B // 4))
-                acc_norm = counts["correct_norm"] / max(1, counts["total"])
-                print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
-                if d.master:
-                    append_log(log_path, f"{step} hella {acc_norm:.4f}")
-            if d.master and cfg.num_samples > 0:
-                with autocast:
-                    for text in sample_texts(raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
-                                             d.device, seed=cfg.seed + step):
-                        print(f"sample: {text!r}")
-
-        # one optimizer step over grad_accum micro-batches
+            val_loss = evaluate(r, step)
+        # one optimizer step
         t0 = time.perf_counter()
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=d.device)
-        for micro_step in range(grad_accum):
-            x, y = loader.next_batch()
-            if d.device_type == "cuda":  # page-locked, so the copies are truly async: no host sync in this loop
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            # sync gradients across ranks only on the last micro-step; no_sync() must cover the
-            # forward too, since DDP arms its reducer there
-            sync = d.world_size == 1 or micro_step == grad_accum - 1
-            with (nullcontext() if sync else model.no_sync()):
-                with autocast, (attention_kernels() if cfg.cudnn_attention else nullcontext()):
-                    _, loss = model(x, y)
-                # the mean over the whole batch is the mean of micro-batch means / grad_accum
-                loss = loss / grad_accum
-                loss_accum += loss.detach()
-                loss.backward()
-        if d.world_size > 1:
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
-            loss_accum /= d.world_size
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:  # Muon's groups: the same schedule, from --muon_lr
-            group["lr"] = lr * cfg.muon_lr / cfg.max_lr if group.get("muon") else lr
+        loss_accum, norm, lr = train_step(r, step)
         loss_val, norm_val = loss_accum.item(), norm.item()  # same on every rank: all-reduced
-        if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            what = f"non-finite loss {loss_val} / grad norm {norm_val}"
-            bad = first_nonfinite(raw_model.state_dict())
-            if bad:  # skipping cannot help: the weights themselves are gone
-                raise nonfinite_error(step, f"{what}: weight {bad} is NaN or inf")
-            if not cfg.skip_nonfinite:
-                raise nonfinite_error(step, what + " (--skip_nonfinite=true skips such steps)")
-            print0(f"step {step}: {what} -- step skipped (--skip_nonfinite)")
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
+        update(r, step, loss_val, norm_val)
         if d.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        tok_per_s = cfg.total_batch_size / dt
+        # log
         mfu = flops_per_step / dt / (peak * d.world_size)
         print0(f"step {step}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
-               f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(tok_per_s)} | mfu {mfu * 100:.0f}%")
+               f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
         if d.master:
-            append_log(log_path, f"{step} train {loss_val:.6f}")
-
-        # all ranks agree on stopping: a signal seen by any rank stops them all after this step
-        flag = torch.tensor([stop["signal"]], device=d.device)
+            append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
+        # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
+        flag = torch.tensor([stop.signum], device=d.device)
         if d.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopping = bool(flag.item()) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
         if stopping or last_step or (cfg.checkpoint_interval > 0 and (step + 1) % cfg.checkpoint_interval == 0):
-            checkpoint(step + 1)
+            checkpoint(r, step + 1, val_loss)
         if stopping:
             print0(f"stopped after step {step + 1}" + (f" on signal {int(flag.item())}" if flag.item() else "")
                    + "; continue with --resume")
             break
 
+    # finish
     timed = step_times[1:] or step_times  # the first step pays for compile and warm-up
     # step: the last one run, numbered from 0 as in log.txt (ckpt_{N} and "resuming at step N" count steps done)
     summary = {"step": step, "val_loss": val_loss, "mean_step_ms": 1000 * sum(timed) / max(1, len(timed))}
@@ -1319,27 +1240,21 @@ def train(cfg, explicit=None):
         # can abort ("terminate called without an active exception") and fail the whole job
         dist.barrier()
         dist.destroy_process_group()
-    if run:
-        run.close()
+    if r.folder:
+        r.folder.close()
     return summary
 
 
 def main(argv):
     if "-h" in argv or "--help" in argv:
-        # each flag's description is the comment beside its field in TrainConfig
-        notes = dict(re.findall(r"^ +(\w+): [^=\n]+=[^#\n]*# *(.*)$", inspect.getsource(TrainConfig), re.M))
-        print(__doc__.rstrip() + "\n\nflags (default, description):")
-        for f in dataclasses.fields(TrainConfig):
-            print(f"  {f'--{f.name}={f.default}':<28} {notes.get(f.name, '')}")
-        print(f"presets: {', '.join(PRESETS)}")
+        print(flags.help_text(TrainConfig, __doc__, PRESETS))
         return 0
     try:
         cfg = parse_args(argv)
-        explicit = {k: v for k, v in dataclasses.asdict(cfg).items()
-                    if any(a.startswith(f"--{k}=") or a == f"--{k}" for a in argv)
-                    or (cfg.preset and k in PRESETS[cfg.preset])}
+        # what overrides a resumed checkpoint's config: the preset's values and the flags given
+        explicit = {**PRESETS.get(cfg.preset, {}), **flags.parse_flags(TrainConfig, argv, {"resume": "latest"})}
         train(cfg, explicit)
-    except (ConfigError, run_dir.RunDirError) as e:
+    except ConfigError as e:  # run_dir's RunDirError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
