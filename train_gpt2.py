@@ -968,6 +968,14 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
     if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]:
         raise ConfigError(f"--device={device}: no {device_type.upper()} device is available here; use --device=cpu")
     if "RANK" not in os.environ:
+        if device_type == "cuda" and device != "cuda":
+            # cuda:N: made the current GPU, else synchronize(), the memory stats, the peak probe and a
+            # stray context would all be on GPU 0
+            index = device.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            torch.cuda.set_device(int(index))
         return DistInfo(0, 0, 1, device, device_type, True)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
@@ -980,38 +988,42 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
     return DistInfo(rank, local_rank, world, device, device_type, rank == 0)
 
 
-def attention_kernels():
-    """SDPA kernels by preference: cuDNN's (fastest on Hopper, yet tried last by default since PyTorch 2.5.1),
-    flash, memory-efficient, math; each skipped where absent (CPU, older GPUs). Compile fixes it at tracing."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH], set_priority=True)
+def predicted_peak_bytes(cfg, B):
+    """
+    A training step's peak GPU memory, predicted from 24.9 GB measured for 124M at B=64, T=1024 on an H100:
+    16 bytes per parameter (weights, grads, AdamW moments) + 40 per token, layer and channel.
+    """
+    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+    return 16 * (12 * L * C * C + 50304 * C) + 40 * B * T * L * C
 
 
 def auto_batch_size(cfg, d):
-    """--batch_size=0: 64 off CUDA; on a GPU the largest of 128, 64, ... that divides the step and whose peak fits
-    80% of free memory, predicted from 24.9 GB measured for 124M at B=64, T=1024 on an H100: 16 bytes per
-    parameter (weights, grads, AdamW moments) + 40 per token, layer and channel. 124M: 128 on 80 GB."""
+    """--batch_size=0: 64 off CUDA; on a GPU the largest of 128, 64, ... that divides the step and whose
+    predicted peak (predicted_peak_bytes) fits 80% of free memory. 124M: 128 on 80 GB."""
     if d.device_type != "cuda":
         return 64
     free = torch.cuda.mem_get_info(d.device)[0]
-    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
-    return next((b for b in (128, 64, 32, 16, 8, 4, 2) if cfg.total_batch_size % (b * T * d.world_size) == 0
-                 and 16 * (12 * L * C * C + 50304 * C) + 40 * b * T * L * C <= 0.8 * free), 1)
+    return next((b for b in (128, 64, 32, 16, 8, 4, 2) if cfg.total_batch_size % (b * cfg.block_size * d.world_size)
+                 == 0 and predicted_peak_bytes(cfg, b) <= 0.8 * free), 1)
 
 
-def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
-    """FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here."""
+def measure_peak_flops(device, dtype, n=None, iters=10):
+    """
+    FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here. A fixed number
+    of matmuls between two synchronizes: a GPU queues ~1,000 launches before the host blocks, so a loop
+    that watched the host's clock would time the queueing and then wait for the queue to drain.
+    """
+    on_cuda = str(device).startswith("cuda")
+    n = n or (8192 if on_cuda else 1024)  # 1.1 TFLOP, ~2 ms in bf16 on an H100; on 2 CPU cores ~40 ms in fp32
     gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    a @ b
+    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+    a @ b  # the first call picks its kernel
     sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    t0 = time.perf_counter()
+    for _ in range(iters):
         a @ b
-        iters += 1
     sync()
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
