@@ -5,9 +5,9 @@ against a matmul peak measured on the same device in the same run, so it is hone
 
     python bench.py                                  # the CPU ladder: 4 layers, 128 dims, B=8, T=256
     python bench.py --quick                          # HF fp32, our baseline and our full path only
-    python bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --T=1024 --B=16   # the ladder on a GPU
+    python bench.py --device=cuda --n_layer=12 --n_head=12 --n_embd=768 --T=1024 --B=16  # the ladder, GPU
     python bench.py --preset=gpt2-h100 --json=h100.json   # GPT-2 124M, T=1024, bf16 + compile, B=16/32/64
-    python bench.py --check --json=gpu.json               # the prepared GPU check: one table, at most 4 minutes
+    python bench.py --check --json=gpu.json               # the prepared GPU check: one table, <= 4 minutes
     python bench.py --check --tiny                        # the same on a CPU with a tiny model, in seconds
     python bench.py --help
 
@@ -59,7 +59,8 @@ class Rung:
 def ladder():
     hf32 = Rung("hf-fp32", "Hugging Face fp32", hf=True)
     base = Rung("base", "ours: fp32, manual attention, unpadded vocab, for-loop AdamW")
-    rungs = [hf32, dataclasses.replace(hf32, key="hf-bf16", label="Hugging Face bf16 autocast", bf16=True), base]
+    hf16 = dataclasses.replace(hf32, key="hf-bf16", label="Hugging Face bf16 autocast", bf16=True)
+    rungs = [hf32, hf16, base]
     steps = [("tf32", "+ TF32", dict(tf32=True)),
              ("bf16", "+ bf16 autocast", dict(bf16=True)),
              ("compile", "+ torch.compile", dict(compile=True)),
@@ -98,7 +99,8 @@ def build(rung, args, hf_weights, device):
     if rung.hf:
         from transformers import GPT2LMHeadModel
         model = GPT2LMHeadModel(hf_model_config(args))
-        model.loss_type = "ForCausalLM"  # read off the model: its class name maps to no loss, and transformers warns
+        # read off the model: its class name maps to no loss, and transformers warns
+        model.loss_type = "ForCausalLM"
         model.load_state_dict(hf_weights, strict=True)
 
         def loss_of(x, y):  # shift_labels: y is already shifted, as ours is (labels= alone shifts again)
@@ -293,7 +295,8 @@ def attention_kernels_seen(step, x, y):
         with stderr_silenced():
             prof.stop()
     names = {e.key for e in prof.key_averages() if not (x.is_cuda and e.key.startswith("aten::"))}
-    return sorted(n[:100] for n in names if any(w in n.lower() for w in ("attention", "fmha", "flash", "sdpa")))[:8]
+    words = ("attention", "fmha", "flash", "sdpa")
+    return sorted(n[:100] for n in names if any(w in n.lower() for w in words))[:8]
 
 
 PEAKS = {}  # device -> its matmul peaks, probed once per process
@@ -479,8 +482,8 @@ def bench_hellaswag(args, device, log):
     out["batched_items_s"] = len(items) / median(times[args.hellaswag_batch])
     out["speedup"] = out["batched_items_s"] / out["single_items_s"]
     out["same_predictions"] = (preds[1] == preds[args.hellaswag_batch]).float().mean().item()
-    log(f"  hellaswag: one per forward {out['single_items_s']:.1f} items/s, {args.hellaswag_batch} per forward "
-        f"{out['batched_items_s']:.1f} ({out['speedup']:.2f}x)")
+    log(f"  hellaswag: one per forward {out['single_items_s']:.1f} items/s, {args.hellaswag_batch} per "
+        f"forward {out['batched_items_s']:.1f} ({out['speedup']:.2f}x)")
     return out
 
 
@@ -521,15 +524,15 @@ class Budget:
         predicted_s = predict() if self.left() > 0 else None
         left = self.left()
         if predicted_s is None or predicted_s > left:
-            self.log(f"{name}: skipped, " + (f"predicted {predicted_s:.0f}s, " if predicted_s is not None else "")
-                     + f"{left:.0f}s left")
+            predicted = f"predicted {predicted_s:.0f}s, " if predicted_s is not None else ""
+            self.log(f"{name}: skipped, {predicted}{left:.0f}s left")
             record[name] = {"skipped": "budget", "predicted_s": predicted_s, "left_s": left}
             return None
         t0 = time.perf_counter()
         out = fn()
         took = time.perf_counter() - t0
-        self.log(f"{name}: {took:.1f}s (predicted {predicted_s:.0f}s), {time.perf_counter() - self.t0:.0f}s in, "
-                 f"{self.left():.0f}s left")
+        self.log(f"{name}: {took:.1f}s (predicted {predicted_s:.0f}s), "
+                 f"{time.perf_counter() - self.t0:.0f}s in, {self.left():.0f}s left")
         record[name] = {"seconds": took, "predicted_s": predicted_s}
         return out
 
@@ -555,17 +558,15 @@ def timed(fn, device_type, repeats=1):
 
 
 def probe_step_s(args, B, device, hf_weights):
-    """One eager step of the plain path at B, as a prediction of a step's time (a compiled one is faster)."""
-    model, optimizer, loss_of = build(known_rungs(args)["fused-adamw"], args, hf_weights, device)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randint(0, args.vocab, (B, args.T), generator=g).to(device)
-    step = make_step(dataclasses.replace(known_rungs(args)["fused-adamw"], compile=False), model, optimizer,
-                     loss_of, torch.device(device).type)
-    return timed(lambda: step(x, x), torch.device(device).type)
+    """A step of the plain path at B, predicted as 3 eager forwards (backward ~2), without an optimizer."""
+    model = GPT(dataclasses.replace(base_config(args), flash=True, vocab_multiple=64)).to(device)
+    x = torch.zeros(B, args.T, dtype=torch.long, device=device)
+    with torch.no_grad():
+        return 3 * timed(lambda: model(x), torch.device(device).type)
 
 
 def probe_forward_s(args, device, hf_weights):
-    """Seconds of one eager no-grad forward of ours at (1, prompt) and at (4, T): decoding's and HellaSwag's."""
+    """Seconds of an eager no-grad forward of ours at (1, prompt) and at (4, T): decoding's, HellaSwag's."""
     model = GPT(dataclasses.replace(base_config(args), flash=True, vocab_multiple=64))
     model.load_hf_state_dict(hf_weights)
     model.to(device).eval()
@@ -599,8 +600,10 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
     m = {"compile_s": COMPILE_S if ours.compile else 0.0, "compiles": 0}
 
     def predict_a():
-        m["step_s"] = (CUDA_STEP_S * flops_per_token * B * args.T / (124e6 * 6 * 64 * 1024) if device_type == "cuda"
-                       else probe_step_s(args, B, device, hf_weights))
+        if device_type == "cuda":  # CUDA_STEP_S scaled by FLOPs from 124M at 64 x 1024
+            m["step_s"] = CUDA_STEP_S * flops_per_token * B * args.T / (124e6 * 6 * 64 * 1024)
+        else:
+            m["step_s"] = probe_step_s(args, B, device, hf_weights)
         return 2 * m["compile_s"] + 2 * warm * m["step_s"]
 
     def train(rungs, batch, profile=()):
@@ -609,7 +612,7 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
         report["runs"].append({"B": batch, "peak_flops": peak, "rungs": results})
         for rung, res in zip(rungs, results):
             m["compiles"] += rung.compile and "warmup_s" in res
-            if rung.compile and "times" in res and res["times"]:  # what compiling took: the warm-up less its steps
+            if rung.compile and res["times"]:  # what compiling took: the warm-up less its steps
                 m["compile_s"] = max(0.0, res["warmup_s"] - args.warmup * median(res["times"]))
         return results
 
@@ -628,17 +631,19 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
     report["auto_batch_size"] = auto
 
     def section_b():
-        run = next((r for run in report["runs"] if run["B"] == auto for r in run["rungs"] if r["key"] == ours.key),
-                   None)  # the auto micro-batch is --B: (a) measured it already
-        run = run or train([ours], auto)[0]
+        # where the auto micro-batch is --B, (a) measured it already
+        mine = [r for run in report["runs"] if run["B"] == auto for r in run["rungs"] if r["key"] == ours.key]
+        run = mine[0] if mine else train([ours], auto)[0]
         report["auto_batch"] = {"B": auto, "peak_mem_bytes": run.get("peak_mem_bytes"),
                                 "predicted_peak_bytes": predicted_peak_bytes(cfg, auto)}
+
     def predict_b():
         if auto == B and "seconds" in sections[A]:
             return 0.0  # (a) measured it
         if device_type == "cuda":  # compute-bound: a step's time grows with its rows
             return m["compile_s"] * ours.compile + warm * m["step_s"] * auto / B
-        return warm * probe_step_s(args, auto, device, hf_weights)  # a small model on a CPU: mostly overhead
+        # a small model on a CPU is mostly overhead: a step timed, not scaled
+        return m["compile_s"] * ours.compile + warm * probe_step_s(args, auto, device, hf_weights)
     budget.run(f"(b) train: ours at the auto micro-batch {auto}", predict_b, section_b, sections)
 
     def section_c():
@@ -649,11 +654,12 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
         report["sampling"] = bench_sampling(sample_args, device, hf_weights, log)
         report["sampling"]["compiled_left_out"] = not args.no_compile and not compiled
         m["compiles"] += compiled
-    # a decode step costs about a short forward (HF's ~3 times that, no cache more as the prefix grows); the
-    # compiled step compiles a forward alone, about half a training step's graph
+
     def predict_c():
+        # a decode step costs about a short forward (HF's ~3 times that, no cache more as the prefix grows);
+        # the compiled step compiles a forward alone, about half a training step's graph
         m["forward_1_s"], m["forward_4_s"] = probe_forward_s(args, device, hf_weights)
-        n_decode = (1 + args.sample_repeats) * 10 * args.sample_tokens  # warm-up + repeats, ~10 forwards a token
+        n_decode = (1 + args.sample_repeats) * 10 * args.sample_tokens  # warm-up, repeats: ~10 forwards each
         compiled = not args.no_compile and m["compiles"] < MAX_COMPILES
         return 0.5 * m["compile_s"] * compiled + n_decode * m["forward_1_s"]
     if args.sample_tokens > 0:
@@ -670,11 +676,11 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
         try:
             report["hellaswag"] = bench_hellaswag(args, device, log)
         except Exception as e:  # the GPT-2 tokenizer's files missing, say: the rest still counts
-            report["hellaswag"] = {"error": f"skipped: {e.__class__.__name__}: {str(e).splitlines()[0][:120]}"}
+            report["hellaswag"] = {"error": f"skipped: {failure(e)}"}
             log(f"  hellaswag {report['hellaswag']['error']}")
     if args.hellaswag_items > 0:
-        # items scored: repeats, one per forward and batched, each item a forward of its 4 endings (shorter than
-        # T, and from a 124M with the GPT-2 vocab whatever --vocab is: ~1.5 of the probe's), + the tokenizer
+        # items scored: repeats, one per forward and batched, each item a forward of its 4 endings (shorter
+        # than T, from a model with the GPT-2 vocab whatever --vocab is: ~1.5 of the probe's), + the tokenizer
         items = args.hellaswag_items * (1 + max(1, args.sample_repeats)) * 2
         if "forward_4_s" not in m and budget.left() > 0:
             m["forward_1_s"], m["forward_4_s"] = probe_forward_s(args, device, hf_weights)
@@ -689,6 +695,11 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
 # Report
 
 
+def failure(e):
+    """An exception as one short line."""
+    return f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+
 def fmt_bytes(n):
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -697,7 +708,8 @@ def print_report(report):
     c = report["config"]
     print(f"\ndevice {report['device']} | {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims, "
           f"vocab {c['vocab']} | T={c['T']} | {report['flops_per_token'] / 1e6:.1f} MFLOP/token | "
-          f"median of {c['steps']} rounds, {c['mode']}" + (" | compile OFF everywhere" if c["no_compile"] else ""))
+          f"median of {c['steps']} rounds, {c['mode']}"
+          + (" | compile off (--no_compile)" if c["no_compile"] else ""))
     for run in report["runs"]:
         p = run["peak_flops"]
         print(f"\nB={run['B']}: measured matmul peak bf16 {p['bf16'] / 1e12:.3f} TFLOP/s"
@@ -728,8 +740,8 @@ def print_report(report):
 def check_name(r):
     """A --check row's name: what the rung is, and whether it ran compiled (--no_compile: none does)."""
     names = {"fused-adamw": "the plain path (build-nanogpt's recipe: SDPA, padded vocab, fused AdamW)",
-             "chunked-ce": "ours (the plain path + chunked head and loss)", "hf-bf16": "Hugging Face bf16 autocast",
-             "hf-fp32": "Hugging Face fp32"}
+             "chunked-ce": "ours (the plain path + chunked head and loss)",
+             "hf-bf16": "Hugging Face bf16 autocast", "hf-fp32": "Hugging Face fp32"}
     compiled = next(x.compile for x in ladder() if x.key == r["key"]) and not r["no_compile"]
     return f"{names.get(r['key'], r['label'])}, {'compiled' if compiled else 'eager'}"
 
@@ -744,27 +756,31 @@ def print_check(report):
         if "error" in r:
             rows.append((what, r["error"], "", ""))
             continue
-        plain = next((p for p in rungs if p["key"] == "fused-adamw" and p["B"] == r["B"] and "tok_s" in p), None)
+        same_b = [p for p in rungs if p["key"] == "fused-adamw" and p["B"] == r["B"] and "tok_s" in p]
+        plain = same_b[0] if same_b else None
         vs = f"{r['tok_s'] / plain['tok_s']:.2f}x the plain path" if plain and r is not plain else ""
         split = f" as {r['micro_batches']} micro-batches" if r["micro_batches"] > 1 else ""
-        rows.append((what, f"{r['tok_s'] / 1e3:.1f}k tok/s, {r['ms']:.1f} ms a step{split}, MFU {r['mfu'] * 100:.0f}%",
-                     vs, f"peak {fmt_bytes(r['peak_mem_bytes'])}"))
+        speed = f"{r['tok_s'] / 1e3:.1f}k tok/s, {r['ms']:.1f} ms a step{split}, MFU {r['mfu'] * 100:.0f}%"
+        rows.append((what, speed, vs, f"peak {fmt_bytes(r['peak_mem_bytes'])}"))
     a = report.get("auto_batch")
     if a:
         rows.append((f"ours at the micro-batch train_gpt2.py picks here: {a['B']}",
-                     f"peak {fmt_bytes(a['peak_mem_bytes'])} measured" if a["peak_mem_bytes"] else "not measured",
+                     f"peak {fmt_bytes(a['peak_mem_bytes'])} measured" if a["peak_mem_bytes"]
+                     else "not measured",
                      f"{fmt_bytes(a['predicted_peak_bytes'])} predicted (auto_batch_size's GPU rule)", ""))
     s = report.get("sampling")
     for k, m in (s["methods"].items() if s else []):
         rows.append((f"decode {s['dtype']}, batch {s['batch']}, greedy: {k}", f"{m['tok_s']:.0f} tok/s",
-                     f"{m['vs_hf']:.2f}x HF generate", f"same tokens as HF {m['same_tokens_as_hf'] * 100:.0f}%"))
+                     f"{m['vs_hf']:.2f}x HF generate",
+                     f"same tokens as HF {m['same_tokens_as_hf'] * 100:.0f}%"))
     if s and s.get("compiled_left_out"):
         rows.append(("decode: ours compiled", f"left out: at most {MAX_COMPILES} compiles", "", ""))
     h = report.get("hellaswag")
     if h and "error" in h:
         rows.append(("HellaSwag scoring", h["error"], "", ""))
     elif h:
-        rows.append((f"HellaSwag, {h['items']} items: one per forward", f"{h['single_items_s']:.1f} items/s", "", ""))
+        rows.append((f"HellaSwag, {h['items']} items: one per forward", f"{h['single_items_s']:.1f} items/s",
+                     "", ""))
         rows.append((f"HellaSwag, {h['items']} items: {h['batch_size']} per forward",
                      f"{h['batched_items_s']:.1f} items/s", f"{h['speedup']:.2f}x one per forward",
                      f"same predictions {h['same_predictions'] * 100:.0f}%"))
@@ -781,8 +797,8 @@ def print_check(report):
                          "; ".join(r["attention_kernels"]), "", ""))
     rows.append(("compiles", str(report["compiles"]), "", ""))
     rows.append(("wall time", f"{report['wall_s']:.0f} s of --budget_s={c['budget_s']:.0f}", "", ""))
-    print(f"\ncheck: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims, vocab {c['vocab']}, T={c['T']} "
-          f"on {report['device']}, torch {report['torch']}, rungs {c['mode']}, "
+    print(f"\ncheck: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} dims, vocab {c['vocab']}, "
+          f"T={c['T']} on {report['device']}, torch {report['torch']}, rungs {c['mode']}, "
           + ("compile off (--no_compile)" if c["no_compile"] else "compile on for the compiled rows"))
     width = max(len(r[0]) for r in rows)
     for what, *figures in rows:
@@ -811,27 +827,28 @@ def parse_args(argv):
     p.add_argument("--B", default="8", help="sequences per step; a comma list runs the ladder per batch size")
     p.add_argument("--T", type=int, default=256, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=7, help="timed rounds (one step of every rung per round)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per rung first (compile happens here)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per rung first (compiles run here)")
     p.add_argument("--rungs", default="all", help="all, quick, or a comma list of: "
                    + ",".join(r.key for r in ladder()))
     p.add_argument("--quick", action="store_true", help="same as --rungs=quick: " + ",".join(QUICK))
-    p.add_argument("--no_compile", action="store_true", help="every rung eager (a smoke run, or no C++ compiler)")
-    p.add_argument("--sample_tokens", type=int, default=64, help="new tokens per sampling run; 0 skips sampling")
+    p.add_argument("--no_compile", action="store_true", help="every rung eager (smoke runs, no C++ compiler)")
+    p.add_argument("--sample_tokens", type=int, default=64, help="new tokens per sampling run (0: none)")
     p.add_argument("--sample_prompt", type=int, default=16, help="prompt tokens for sampling")
     p.add_argument("--sample_batch", type=int, default=1)
     p.add_argument("--sample_repeats", type=int, default=3, help="timed runs of each sampling method")
     p.add_argument("--sample_dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="bfloat16: under autocast, as train_gpt2.py samples")
     p.add_argument("--mode", default="auto", choices=["auto", "interleaved", "isolated"],
-                   help="interleaved: all rungs built, one step of each per round (for a noisy CPU); isolated: "
-                        "each rung built, timed and freed alone (all of the GPU's memory); auto: isolated on CUDA")
+                   help="interleaved: all rungs built, one step of each per round (for a noisy CPU); "
+                        "isolated: each rung built, timed and freed alone (all of the GPU's memory); "
+                        "auto: isolated on CUDA")
     p.add_argument("--check", action="store_true", help="the prepared GPU check: " + " ".join(
-        f"--{k}={v}" for k, v in CHECK.items()) + "; sections by value (run_check), each only if it fits --budget_s")
+        f"--{k}={v}" for k, v in CHECK.items()) + "; sections by value (run_check) that fit --budget_s")
     p.add_argument("--budget_s", type=float, default=240.0,
-                   help="with --check: wall-clock seconds it never exceeds; a section predicted not to fit is skipped")
+                   help="with --check: wall-clock seconds not to exceed; what would not fit is skipped")
     p.add_argument("--tiny", action="store_true", help="with --check: a tiny model on the CPU (a smoke run)")
-    p.add_argument("--hellaswag_items", type=int, default=0, help="synthetic HellaSwag items to score (--check: 64)")
-    p.add_argument("--hellaswag_batch", type=int, default=16, help="items per forward, against one per forward")
+    p.add_argument("--hellaswag_items", type=int, default=0, help="synthetic HellaSwag items (--check: 64)")
+    p.add_argument("--hellaswag_batch", type=int, default=16, help="items per forward, against one a forward")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", default="", help="also write the figures to this file")
     pre, _ = p.parse_known_args(argv)
@@ -860,8 +877,8 @@ def validate(p, args):
         p.error(f"--B={','.join(map(str, args.B))}: sequences per step must be >= 1")
     if args.check and len(args.B) > 1:
         p.error(f"--B={','.join(map(str, args.B))}: --check runs at one batch size")
-    for flag in ("n_layer", "n_head", "n_embd", "vocab", "T", "steps", "warmup", "sample_prompt", "sample_batch",
-                 "sample_repeats", "hellaswag_batch"):
+    for flag in ("n_layer", "n_head", "n_embd", "vocab", "T", "steps", "warmup", "sample_prompt",
+                 "sample_batch", "sample_repeats", "hellaswag_batch"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag}={getattr(args, flag)}: must be >= 1")
     if args.n_embd % args.n_head:
@@ -938,12 +955,12 @@ def main(argv=None, log=print):
     reference = GPT(base_config(args))
     hf_weights = reference.hf_state_dict()
     flops_per_token = reference.flops_per_token()
-    name = (torch.cuda.get_device_name(device) if device_type == "cuda"
-            else f"cpu, {torch.get_num_threads()} threads" + (", malloc keeps freed memory" if malloc_tuned else ""))
+    name = (torch.cuda.get_device_name(device) if device_type == "cuda" else
+            f"cpu, {torch.get_num_threads()} threads" + (", malloc keeps freed memory" * malloc_tuned))
+    internal = ("json", "quick", "profile_rungs", "deadline")
     report = {"device": name, "device_type": device_type, "torch": torch.__version__,
-              "config": {k: v for k, v in vars(args).items() if k not in ("json", "quick", "profile_rungs", "deadline")},
+              "config": {k: v for k, v in vars(args).items() if k not in internal},
               "flops_per_token": flops_per_token, "runs": []}
-    peak_flops(device)
     if args.check:
         budget = Budget(args.budget_s, t_start, log)
         args.deadline = t_start + args.budget_s  # timed rounds stop early rather than run past it
@@ -962,7 +979,7 @@ def main(argv=None, log=print):
             try:
                 report["hellaswag"] = bench_hellaswag(args, device, log)
             except Exception as e:  # the GPT-2 tokenizer's files missing offline, say: the rest still counts
-                report["hellaswag"] = {"error": f"skipped: {e.__class__.__name__}: {str(e).splitlines()[0][:120]}"}
+                report["hellaswag"] = {"error": f"skipped: {failure(e)}"}
                 log(f"  hellaswag {report['hellaswag']['error']}")
         report["sdpa"] = sdpa_kernels(args, device)
     report["peak_mem_bytes"] = max((r["peak_mem_bytes"] for run in report["runs"] for r in run["rungs"]

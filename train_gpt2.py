@@ -1003,8 +1003,9 @@ def auto_batch_size(cfg, d):
     if d.device_type != "cuda":
         return 64
     free = torch.cuda.mem_get_info(d.device)[0]
-    return next((b for b in (128, 64, 32, 16, 8, 4, 2) if cfg.total_batch_size % (b * cfg.block_size * d.world_size)
-                 == 0 and predicted_peak_bytes(cfg, b) <= 0.8 * free), 1)
+    rows = cfg.block_size * d.world_size  # tokens of one sequence on every rank
+    return next((b for b in (128, 64, 32, 16, 8, 4, 2)
+                 if cfg.total_batch_size % (b * rows) == 0 and predicted_peak_bytes(cfg, b) <= 0.8 * free), 1)
 
 
 def measure_peak_flops(device, dtype, n=None, iters=10):

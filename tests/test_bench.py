@@ -8,8 +8,8 @@ import torch
 
 import bench
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--vocab=1000", "--T=32", "--B=2,3", "--steps=2", "--warmup=1",
-        "--no_compile", "--sample_tokens=4", "--sample_dtype=float32"]
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--vocab=1000", "--T=32", "--B=2,3", "--steps=2",
+        "--warmup=1", "--no_compile", "--sample_tokens=4", "--sample_dtype=float32"]
 QUIET = dict(log=lambda *a: None)
 
 
@@ -114,8 +114,9 @@ def test_bare_cuda_device_gets_an_index(monkeypatch):
     assert calls == [torch.device("cuda:0"), torch.device("cuda:0"), torch.device("cuda:1")]
 
 
-SECTIONS = ["(a) train: ours vs the plain path", "(b) train: ours at the auto micro-batch 64", "(c) batch-1 decode",
-            "(d) train: Hugging Face bf16", "(e) HellaSwag scoring", "(f) train: Hugging Face fp32"]
+SECTIONS = ["(a) train: ours vs the plain path", "(b) train: ours at the auto micro-batch 64",
+            "(c) batch-1 decode", "(d) train: Hugging Face bf16", "(e) HellaSwag scoring",
+            "(f) train: Hugging Face fp32"]
 
 
 def test_gpu_check_runs_on_a_cpu_with_a_tiny_model(tmp_path):
@@ -131,7 +132,8 @@ def test_gpu_check_runs_on_a_cpu_with_a_tiny_model(tmp_path):
     assert runs[0]["B"] == 4 and [r["key"] for r in runs[0]["rungs"]] == ["fused-adamw", "chunked-ce"]
     assert abs(runs[0]["rungs"][0]["loss0"] - runs[0]["rungs"][1]["loss0"]) < 1e-4
     for r in runs[0]["rungs"]:  # the attention both run: the CPU's flash kernel, forward and backward
-        assert any("flash_attention_for_cpu_backward" in k for k in r["attention_kernels"]), r["attention_kernels"]
+        seen = r["attention_kernels"]
+        assert any("flash_attention_for_cpu_backward" in k for k in seen), seen
     if SECTIONS[1] in ran:  # (b): the 64-row micro-batch train_gpt2.py picks off CUDA, our path alone
         assert report["auto_batch_size"] == 64 and runs[1]["B"] == 64
         assert [r["key"] for r in runs[1]["rungs"]] == ["chunked-ce"]

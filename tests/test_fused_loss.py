@@ -118,7 +118,7 @@ class MatmulWidths(TorchDispatchMode):
 
 @pytest.mark.parametrize("padded, width", [(None, V), (False, V), (True, V_PADDED)])
 def test_head_matmuls_run_at_the_chosen_width(padded, width):
-    """The logits matmul is (rows, width): on a CPU (padded=None) at the vocab, padded=True at all of weight's rows."""
+    """The logits matmul is (rows, width): on a CPU (padded=None) the vocab's; padded=True all weight rows."""
     x, w, targets = inputs()
     with MatmulWidths() as mode:
         loss_and_grads(lambda *a: chunked_cross_entropy(*a, V, chunk_rows=128, padded=padded), x, w, targets)

@@ -1,10 +1,11 @@
-"""The CUDA-only choices of train_gpt2.py, checked on a CPU: the micro-batch rule, --device=cuda:N, the peak probe."""
+"""CUDA-only choices of train_gpt2.py, checked on a CPU: the micro-batch rule, --device=cuda:N, peak probe."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt2
-from train_gpt2 import ConfigError, DistInfo, TrainConfig, auto_batch_size, measure_peak_flops, setup_distributed
+from train_gpt2 import (ConfigError, DistInfo, TrainConfig, auto_batch_size, measure_peak_flops,
+                        setup_distributed)
 
 GB = 10 ** 9
 
@@ -31,7 +32,7 @@ def test_auto_batch_size_off_cuda_is_the_old_default():
 
 @pytest.fixture
 def two_gpus(monkeypatch):
-    """A machine with two CUDA devices, as far as setup_distributed can tell; the set_device calls it makes."""
+    """A machine with two CUDA devices, as far as setup_distributed can tell; its set_device calls."""
     calls = []
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
