@@ -274,18 +274,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, chunk_rows):
+    def forward(ctx, x, weight, targets, vocab_size, chunk_rows, padded):
         device_type = x.device.type
         # the matmuls run in the autocast dtype like any nn.Linear would; the softmax in fp32
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         with torch.autocast(device_type, enabled=False):
-            xd, w = x.to(dtype), weight[:vocab_size].to(dtype)  # (N, C), (V, C)
+            # padded: all of weight's rows (50304 = 2**7 * 393 tiles evenly on a GPU; 50257 is odd, so every
+            # bf16 row of the logits would be misaligned), the padded logits masked out of the softmax
+            xd, w = x.to(dtype), (weight if padded else weight[:vocab_size]).to(dtype)  # (N, C), (V, C)
             loss = torch.zeros((), device=x.device)
             grad_x = []
             grad_wt = torch.zeros(w.size(1), w.size(0), device=x.device)  # (C, V): x.T @ g beat g.T @ x here
             for i in range(0, x.size(0), chunk_rows):
                 xc, yc = xd[i:i + chunk_rows], targets[i:i + chunk_rows]
                 logits = xc @ w.t()  # (rows, V)
+                logits[:, vocab_size:] = float("-inf")  # exp() is then exactly 0: no probability, no gradient
                 target_logit = logits.gather(1, yc[:, None]).squeeze(1).float()
                 # one exp per logit: e = exp(logits - max) is kept as it is, and softmax's 1/sum
                 # goes onto the small operands of the two matmuls below instead of onto e
@@ -307,14 +310,20 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_wt = ctx.saved_tensors
         scale = grad_loss / grad_x.size(0)  # the mean over rows
-        # transposed back and padded here, where compile fuses it with adding wte's own gradient
+        # transposed back (and padded, where the matmuls ran unpadded) here, where compile fuses it with
+        # adding wte's own gradient
         grad_w = F.pad(grad_wt.t() * scale, (0, 0, 0, ctx.padded_vocab_size - grad_wt.size(1)))
-        return grad_x * scale, grad_w, None, None, None
+        return grad_x * scale, grad_w, None, None, None, None
 
 
-def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_rows=None):
-    """F.cross_entropy(x @ weight[:vocab_size].T, targets) for x (..., C), targets (...), in chunks of rows."""
+def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_rows=None, padded=None):
+    """
+    F.cross_entropy(x @ weight[:vocab_size].T, targets) for x (..., C), targets (...), in chunks of rows.
+    padded: the matmuls at all of weight's rows, the padded logits masked; default on CUDA only, since on a
+    CPU the padded width measured slower (461-496 ms against 415-419 ms a step, bench.py's 4-layer model).
+    """
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    padded = x.device.type == "cuda" if padded is None else padded
     if chunk_rows is None and x.device.type == "cpu":
         # a chunk's biggest temporary (the fp32 softmax eagerly; under compile, which fuses the
         # softmax, the matmul's output) stays under 32 MiB, glibc's largest mmap threshold: bigger
@@ -323,7 +332,7 @@ def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_rows=None):
         chunk_rows = 2 ** max(0, (2**25 // (vocab_size * itemsize)).bit_length() - 1)  # a power of two
     chunk_rows = chunk_rows or 8192  # a GPU wants big matmuls; 8192 rows of bf16 logits are 0.8 GB
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows)
+        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows, padded)
     return token_losses(x, weight, targets, vocab_size, chunk_rows).mean()  # evaluation: loss only
 
 
@@ -844,6 +853,14 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
     if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]:
         raise ConfigError(f"--device={device}: no {device_type.upper()} device is available here; use --device=cpu")
     if "RANK" not in os.environ:
+        if device_type == "cuda" and device != "cuda":
+            # cuda:N: made the current GPU, else synchronize(), the memory stats, the peak probe and a
+            # stray context would all be on GPU 0
+            index = device.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            torch.cuda.set_device(int(index))
         return DistInfo(0, 0, 1, device, device_type, True)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
@@ -856,38 +873,43 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
     return DistInfo(rank, local_rank, world, device, device_type, rank == 0)
 
 
-def attention_kernels():
-    """SDPA kernels by preference: cuDNN's (fastest on Hopper, yet tried last by default since PyTorch 2.5.1),
-    flash, memory-efficient, math; each skipped where absent (CPU, older GPUs). Compile fixes it at tracing."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH], set_priority=True)
+def predicted_peak_bytes(cfg, B):
+    """
+    A training step's peak GPU memory, predicted from 24.9 GB measured for 124M at B=64, T=1024 on an H100:
+    16 bytes per parameter (weights, grads, AdamW moments) + 40 per token, layer and channel.
+    """
+    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+    return 16 * (12 * L * C * C + 50304 * C) + 40 * B * T * L * C
 
 
 def auto_batch_size(cfg, d):
-    """--batch_size=0: 64 off CUDA; on a GPU the largest of 128, 64, ... that divides the step and whose peak fits
-    80% of free memory, predicted from 24.9 GB measured for 124M at B=64, T=1024 on an H100: 16 bytes per
-    parameter (weights, grads, AdamW moments) + 40 per token, layer and channel. 124M: 128 on 80 GB."""
+    """--batch_size=0: 64 off CUDA; on a GPU the largest of 128, 64, ... that divides the step and whose
+    predicted peak (predicted_peak_bytes) fits 80% of free memory. 124M: 128 on 80 GB."""
     if d.device_type != "cuda":
         return 64
     free = torch.cuda.mem_get_info(d.device)[0]
-    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
-    return next((b for b in (128, 64, 32, 16, 8, 4, 2) if cfg.total_batch_size % (b * T * d.world_size) == 0
-                 and 16 * (12 * L * C * C + 50304 * C) + 40 * b * T * L * C <= 0.8 * free), 1)
+    rows = cfg.block_size * d.world_size  # tokens of one sequence on every rank
+    return next((b for b in (128, 64, 32, 16, 8, 4, 2)
+                 if cfg.total_batch_size % (b * rows) == 0 and predicted_peak_bytes(cfg, b) <= 0.8 * free), 1)
 
 
-def measure_peak_flops(device, dtype, n=2048, seconds=0.5):
-    """FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here."""
+def measure_peak_flops(device, dtype, n=None, iters=10):
+    """
+    FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here. A fixed number
+    of matmuls between two synchronizes: a GPU queues ~1,000 launches before the host blocks, so a loop
+    that watched the host's clock would time the queueing and then wait for the queue to drain.
+    """
+    on_cuda = str(device).startswith("cuda")
+    n = n or (8192 if on_cuda else 1024)  # 1.1 TFLOP, ~2 ms in bf16 on an H100; on 2 CPU cores ~40 ms in fp32
     gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    a @ b
+    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
+    a @ b  # the first call picks its kernel
     sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    t0 = time.perf_counter()
+    for _ in range(iters):
         a @ b
-        iters += 1
     sync()
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 

@@ -8,8 +8,8 @@ import torch
 
 import bench
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--vocab=1000", "--T=32", "--B=2,3", "--steps=2", "--warmup=1",
-        "--no_compile", "--peak_seconds=0.02", "--sample_tokens=4", "--sample_dtype=float32"]
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--vocab=1000", "--T=32", "--B=2,3", "--steps=2",
+        "--warmup=1", "--no_compile", "--sample_tokens=4", "--sample_dtype=float32"]
 QUIET = dict(log=lambda *a: None)
 
 
@@ -33,8 +33,7 @@ def test_ladder_smoke(tmp_path):
     out = tmp_path / "bench.json"
     report = bench.main(TINY + [f"--json={out}"], **QUIET)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    # TF32 and cuDNN attention are CUDA-only rungs
-    expected = [r.key for r in bench.ladder() if r.key not in ("tf32", "cudnn-sdpa")]
+    expected = [r.key for r in bench.ladder() if r.key != "tf32"]  # TF32 is CUDA's
     assert [run["B"] for run in report["runs"]] == [2, 3]
     assert report["config"]["mode"] == "interleaved"  # auto on a CPU
     for run in report["runs"]:
@@ -105,6 +104,7 @@ def test_bare_cuda_device_gets_an_index(monkeypatch):
             raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{dev}")
         calls.append(torch.device(dev))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
     p, _ = bench.parse_args([])
@@ -114,27 +114,122 @@ def test_bare_cuda_device_gets_an_index(monkeypatch):
     assert calls == [torch.device("cuda:0"), torch.device("cuda:0"), torch.device("cuda:1")]
 
 
+SECTIONS = ["(a) train: ours vs the plain path", "(b) train: ours at the auto micro-batch 64",
+            "(c) batch-1 decode", "(d) train: Hugging Face bf16", "(e) HellaSwag scoring",
+            "(f) train: Hugging Face fp32"]
+
+
 def test_gpu_check_runs_on_a_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "check.json"
     report = bench.main(["--check", "--tiny", "--sample_dtype=float32", f"--json={out}"], **QUIET)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    # the 64-row micro-batch train_gpt2.py picks off CUDA is timed as a second run of our path alone
-    assert report["auto_batch_size"] == 64 and [run["B"] for run in report["runs"]] == [4, 64]
-    assert [r["key"] for r in report["runs"][0]["rungs"]] == ["hf-fp32", "hf-bf16", "fused-adamw", "chunked-ce"]
-    assert [r["key"] for r in report["runs"][1]["rungs"]] == ["chunked-ce"]
-    for run in report["runs"]:
-        assert all(r["tok_s"] > 0 for r in run["rungs"])
-    for m in report["sampling"]["methods"].values():
-        assert m["same_tokens_as_hf"] == 1.0
-    h = report["hellaswag"]
-    assert "error" not in h, h
-    assert h["items"] == 6 and h["single_items_s"] > 0 and h["batched_items_s"] > 0 and h["same_predictions"] == 1.0
-    assert report["sdpa_kernel"] == "FLASH_ATTENTION"  # on a CPU: cuDNN is absent, flash comes next
-    # and the profiler sees that kernel run in one step of our path
-    assert any("flash_attention" in k for k in report["runs"][0]["rungs"][-1]["attention_kernels"])
+    assert list(report["sections"]) == SECTIONS  # in order of value, each run or skipped
+    assert report["wall_s"] <= 60 + 5 and report["compiles"] == 0
+    ran = {k for k, v in report["sections"].items() if "seconds" in v}
+    assert SECTIONS[0] in ran  # the first always fits the tiny check's 60 s
+    runs = report["runs"]
+    # (a): the plain path and ours at B=4, the same weights and batch, one profile each
+    assert runs[0]["B"] == 4 and [r["key"] for r in runs[0]["rungs"]] == ["fused-adamw", "chunked-ce"]
+    assert abs(runs[0]["rungs"][0]["loss0"] - runs[0]["rungs"][1]["loss0"]) < 1e-4
+    for r in runs[0]["rungs"]:  # the attention both run: the CPU's flash kernel, forward and backward
+        seen = r["attention_kernels"]
+        assert any("flash_attention_for_cpu_backward" in k for k in seen), seen
+    if SECTIONS[1] in ran:  # (b): the 64-row micro-batch train_gpt2.py picks off CUDA, our path alone
+        assert report["auto_batch_size"] == 64 and runs[1]["B"] == 64
+        assert [r["key"] for r in runs[1]["rungs"]] == ["chunked-ce"]
+        a = report["auto_batch"]
+        assert a["B"] == 64 and a["peak_mem_bytes"] == runs[1]["rungs"][0]["peak_mem_bytes"] > 0
+        assert a["predicted_peak_bytes"] > 0
+    if SECTIONS[2] in ran:
+        for m in report["sampling"]["methods"].values():
+            assert m["same_tokens_as_hf"] == 1.0
+    if SECTIONS[4] in ran:
+        h = report["hellaswag"]
+        assert "error" not in h, h
+        assert h["items"] == 6 and h["same_predictions"] == 1.0
+    hf = [r for run in runs for r in run["rungs"] if r["key"].startswith("hf-")]
+    assert [r["key"] for r in hf] == [k for k, s in zip(("hf-bf16", "hf-fp32"), SECTIONS[3::2]) if s in ran]
+    assert all(abs(r["loss0"] - runs[0]["rungs"][0]["loss0"]) < 1e-2 for r in hf)
+    # on a CPU PyTorch's own order tries flash first, and cuDNN is absent
+    assert report["sdpa"]["kernel"] == "FLASH_ATTENTION" and report["sdpa"]["cudnn"] is None
 
 
-def test_unknown_rung_is_an_error(capsys):
-    with pytest.raises(SystemExit):
-        bench.main(TINY + ["--rungs=base,warp-drive"], **QUIET)
-    assert "warp-drive" in capsys.readouterr().err
+def test_check_skips_what_its_budget_cannot_fit(capsys):
+    """A budget too small for the sections: each is skipped with one line, and the run ends within a few
+    seconds of the budget (what it spends is the start-up and the first section's probe step)."""
+    budget = 1.0
+    report = bench.main(["--check", "--tiny", "--sample_dtype=float32", f"--budget_s={budget}"])
+    out = capsys.readouterr().out
+    assert list(report["sections"]) == SECTIONS
+    skipped = [k for k, v in report["sections"].items() if v.get("skipped") == "budget"]
+    assert skipped and skipped == SECTIONS[len(SECTIONS) - len(skipped):]  # the least valuable ones
+    for name in skipped:
+        assert sum(line.startswith(f"{name}: skipped, ") for line in out.splitlines()) == 1
+        assert f"| {name}" in out  # and a row of the table says so
+    assert report["wall_s"] <= budget + 5
+
+
+def test_budget_runs_what_fits_and_skips_the_rest(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    lines, record = [], {}
+    budget = bench.Budget(10, 0.0, lines.append)
+
+    def work(seconds):
+        def fn():
+            now[0] += seconds
+            return seconds
+        return fn
+    assert budget.run("first", lambda: 4, work(5), record) == 5  # predicted 4 of 10: runs (and overruns)
+    assert budget.run("second", lambda: 6, work(6), record) is None  # 6 > 5 left
+    assert budget.run("third", lambda: 5, work(5), record) == 5  # exactly what is left
+    assert budget.run("fourth", lambda: 0, work(0), record) is None  # none left: not even predicted
+    assert record == {"first": {"seconds": 5, "predicted_s": 4},
+                      "second": {"skipped": "budget", "predicted_s": 6, "left_s": 5},
+                      "third": {"seconds": 5, "predicted_s": 5},
+                      "fourth": {"skipped": "budget", "predicted_s": None, "left_s": 0}}
+    assert [line.split(":")[0] for line in lines] == ["first", "second", "third", "fourth"]
+
+
+def test_peak_flops_are_probed_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "PEAKS", {})
+    monkeypatch.setattr(bench, "measure_peak_flops", lambda device, dtype: calls.append(dtype) or 1e12)
+    args = [a for a in TINY if not a.startswith("--B=")] + ["--B=2", "--sample_tokens=0", "--rungs=base"]
+    for _ in range(2):
+        report = bench.main(args, **QUIET)
+        assert report["runs"][0]["peak_flops"] == {"bf16": 1e12, "fp32": 1e12}
+    assert calls == [torch.bfloat16, torch.float32]  # once each, whatever the rounds, rungs and runs
+
+
+def test_tiny_hugging_face_config_has_its_own_end_of_text(capfd):
+    _, args = bench.parse_args(["--vocab=1000"])
+    config = bench.hf_model_config(args)
+    assert (config.vocab_size, config.bos_token_id, config.eos_token_id) == (1000, 999, 999)
+    assert "bos_token_id" not in capfd.readouterr().err  # transformers' warning about 50256 outside the vocab
+    _, args = bench.parse_args([])
+    assert bench.hf_model_config(args).eos_token_id == 50256  # the GPT-2 vocab keeps <|endoftext|>
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--n_head=0", ["--n_head=0", ">= 1"]),
+    ("--B=0", ["--B=0", ">= 1"]),
+    ("--B=-2", ["--B=-2", ">= 1"]),
+    ("--B=4,x", ["--B=4,x", "integer"]),
+    ("--sample_repeats=0", ["--sample_repeats=0", ">= 1"]),
+    ("--sample_tokens=300", ["--sample_tokens=300", "--T=256"]),
+    ("--budget_s=0", ["--budget_s=0", "> 0"]),
+    ("--json=/no/such/folder/x.json", ["--json=/no/such/folder/x.json", "make it first"]),
+    ("--device=cuda:x", ["--device=cuda:x"]),
+    ("--device=tpu", ["--device=tpu"]),
+    ("--rungs=base,warp-drive", ["warp-drive", "choose from"]),
+    ("--warmup=x", ["--warmup", "invalid int"]),
+])
+def test_bad_flags_are_one_line_before_any_work(capsys, monkeypatch, flag, words):
+    monkeypatch.setattr(bench, "GPT", None)  # building any model would fail: nothing runs before the check
+    with pytest.raises(SystemExit) as e:
+        bench.main([flag], **QUIET)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err

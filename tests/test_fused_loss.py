@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train_gpt2 import GPT, GPTConfig, chunked_cross_entropy
 
@@ -32,18 +33,23 @@ def plain(x, w, targets):
     return F.cross_entropy((x @ w.t())[:, :V].float(), targets)
 
 
-def chunked(chunk_rows):
-    return lambda x, w, targets: chunked_cross_entropy(x, w, targets, V, chunk_rows=chunk_rows)
+def chunked(chunk_rows, padded=False):
+    return lambda x, w, targets: chunked_cross_entropy(x, w, targets, V, chunk_rows=chunk_rows, padded=padded)
+
+
+# the head's matmuls at the unpadded width (the CPU default) and at all of weight's rows (the CUDA default)
+WIDTHS = pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 
 
 def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@WIDTHS
 @pytest.mark.parametrize("chunk_rows", [N, 128, 7])
-def test_fp32_equals_plain(chunk_rows):
+def test_fp32_equals_plain(chunk_rows, padded):
     x, w, targets = inputs()
-    loss, gx, gw = loss_and_grads(chunked(chunk_rows), x, w, targets)
+    loss, gx, gw = loss_and_grads(chunked(chunk_rows, padded), x, w, targets)
     ref_loss, ref_gx, ref_gw = loss_and_grads(plain, x, w, targets)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-7)
@@ -51,11 +57,12 @@ def test_fp32_equals_plain(chunk_rows):
     assert torch.all(gw[V:] == 0)  # the padded rows never enter the softmax: exactly zero gradient
 
 
+@WIDTHS
 @pytest.mark.parametrize("confident", [False, True], ids=["random", "confident"])
-def test_bf16_autocast_is_as_close_to_fp32_as_the_plain_path(confident):
+def test_bf16_autocast_is_as_close_to_fp32_as_the_plain_path(confident, padded):
     x, w, targets = inputs(confident=confident)
     exact = loss_and_grads(plain, x, w, targets)  # fp32
-    ours = loss_and_grads(chunked(128), x, w, targets, autocast=True)
+    ours = loss_and_grads(chunked(128, padded), x, w, targets, autocast=True)
     theirs = loss_and_grads(plain, x, w, targets, autocast=True)
     for name, a, b, ref in zip(("loss", "grad x", "grad w"), ours, theirs, exact):
         assert a.dtype == ref.dtype, name  # gradients come back in the parameters' dtype
@@ -65,10 +72,11 @@ def test_bf16_autocast_is_as_close_to_fp32_as_the_plain_path(confident):
     assert torch.all(ours[2][V:] == 0)
 
 
-def test_scaled_loss_and_no_grad_evaluation():
+@WIDTHS
+def test_scaled_loss_and_no_grad_evaluation(padded):
     x, w, targets = inputs()
     # backward scales by the incoming gradient (the training loop divides by grad accumulation steps)
-    _, gx, gw = loss_and_grads(lambda *a: 0.25 * chunked(128)(*a), x, w, targets)
+    _, gx, gw = loss_and_grads(lambda *a: 0.25 * chunked(128, padded)(*a), x, w, targets)
     _, ref_gx, ref_gw = loss_and_grads(lambda *a: 0.25 * plain(*a), x, w, targets)
     torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-8)
@@ -94,11 +102,39 @@ def test_gpt_forward_uses_it_and_keeps_logits_without_targets():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+class MatmulWidths(TorchDispatchMode):
+    """Records the output width of every matmul that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.widths = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.widths.append(out.size(1))
+        return out
+
+
+@pytest.mark.parametrize("padded, width", [(None, V), (False, V), (True, V_PADDED)])
+def test_head_matmuls_run_at_the_chosen_width(padded, width):
+    """The logits matmul is (rows, width): on a CPU (padded=None) the vocab's; padded=True all weight rows."""
+    x, w, targets = inputs()
+    with MatmulWidths() as mode:
+        loss_and_grads(lambda *a: chunked_cross_entropy(*a, V, chunk_rows=128, padded=padded), x, w, targets)
+    # per chunk of 128 rows: the logits (rows, width), grad x (rows, C), grad w.T (C, width)
+    chunks = -(-N // 128)
+    assert sorted(mode.widths) == sorted([width, C, width] * chunks), mode.widths
+
+
 def test_under_torch_compile():
     x, w, targets = inputs()
-    compiled = torch.compile(chunked(128))
-    for autocast in (False, True):
-        got = loss_and_grads(compiled, x, w, targets, autocast=autocast)
-        want = loss_and_grads(chunked(128), x, w, targets, autocast=autocast)
-        for a, b in zip(got, want):
-            assert rel_err(a, b) < (1e-5 if not autocast else 1e-2)
+    # aot_eager: dynamo and AOT autograd trace the autograd.Function as inductor would see it, and importing
+    # inductor on a CPU pulls in torch.utils.mkldnn, whose torch.jit.script_method decorators warn
+    for padded in (False, True):
+        compiled = torch.compile(chunked(128, padded), backend="aot_eager")
+        for autocast in (False, True):
+            got = loss_and_grads(compiled, x, w, targets, autocast=autocast)
+            want = loss_and_grads(chunked(128, padded), x, w, targets, autocast=autocast)
+            for a, b in zip(got, want):
+                assert rel_err(a, b) < (1e-5 if not autocast else 1e-2)

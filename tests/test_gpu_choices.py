@@ -1,8 +1,11 @@
-"""The CUDA-only speed choices of train_gpt2.py, checked on a CPU: the micro-batch rule and the SDPA kernel order."""
+"""CUDA-only choices of train_gpt2.py, checked on a CPU: the micro-batch rule, --device=cuda:N, peak probe."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from train_gpt2 import DistInfo, TrainConfig, attention_kernels, auto_batch_size
+import train_gpt2
+from train_gpt2 import (ConfigError, DistInfo, TrainConfig, auto_batch_size, measure_peak_flops,
+                        setup_distributed)
 
 GB = 10 ** 9
 
@@ -27,15 +30,49 @@ def test_auto_batch_size_off_cuda_is_the_old_default():
     assert auto_batch_size(TrainConfig(), d) == 64
 
 
-def test_attention_kernels_put_cudnn_first_and_restore_the_default():
-    from torch.nn.attention import SDPBackend
-    default = torch._C._get_sdp_priority_order()
-    q, k, v = torch.randn(3, 2, 4, 16, 8).unbind(0)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    with attention_kernels():
-        order = torch._C._get_sdp_priority_order()
-        assert order[:4] == [int(b) for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)]
-        # on a CPU the kernels it lists first are absent: SDPA falls through to the same result
-        torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), ref)
-    assert torch._C._get_sdp_priority_order() == default
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with two CUDA devices, as far as setup_distributed can tell; its set_device calls."""
+    calls = []
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    return calls
+
+
+def test_cuda_n_without_torchrun_becomes_the_current_gpu(two_gpus):
+    d = setup_distributed("cuda:1")
+    assert (d.device, d.device_type, d.world_size) == ("cuda:1", "cuda", 1)
+    assert two_gpus == [1]  # synchronize, the memory stats and the peak probe then mean GPU 1, not GPU 0
+    setup_distributed("cuda")  # bare: whichever GPU is current, as torch itself would pick
+    assert two_gpus == [1]
+
+
+@pytest.mark.parametrize("device", ["cuda:2", "cuda:x"])
+def test_cuda_n_past_the_device_count_is_a_config_error(two_gpus, device):
+    with pytest.raises(ConfigError) as e:
+        setup_distributed(device)
+    assert str(e.value) == f"--device={device}: this machine has 2 CUDA device(s), cuda:0 to cuda:1"
+    assert two_gpus == []
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("iters", [1, 4])
+def test_peak_probe_times_a_fixed_number_of_matmuls(monkeypatch, iters):
+    """One untimed matmul then iters timed ones, however slow the clock says they are."""
+    clock = iter(range(0, 1000, 10))  # every reading 10 s later than the last
+    monkeypatch.setattr(train_gpt2.time, "perf_counter", lambda: next(clock))
+    with CountMatmuls() as mode:
+        flops = measure_peak_flops("cpu", torch.float32, n=64, iters=iters)
+    assert mode.count == 1 + iters
+    assert flops == 2 * 64 ** 3 * iters / 10  # the two clock readings bracket the timed matmuls alone
