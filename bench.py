@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from train_gpt2 import GPT, GPTConfig, measure_peak_flops, reuse_freed_memory
+from perf import measure_peak_flops, reuse_freed_memory
+from train_gpt2 import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------
 # The ladder: each rung is the one above plus one change
@@ -590,7 +591,8 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
     (c) batch-1 greedy decoding: compiled (a CUDA graph), eager, Hugging Face generate;
     (d) Hugging Face bf16 autocast; (e) HellaSwag scoring; (f) Hugging Face fp32, last.
     """
-    from train_gpt2 import DistInfo, TrainConfig, auto_batch_size, predicted_peak_bytes
+    from perf import auto_batch_size, predicted_peak_bytes
+    from train_gpt2 import DistInfo, TrainConfig
     known = known_rungs(args)
     plain, ours = known["fused-adamw"], known["chunked-ce"]
     device_type = torch.device(device).type

@@ -139,7 +139,7 @@ def ending_losses(model, idx, select, targets):
     Cross-entropy (n,) of the n next tokens targets predicted at the positions where select (B, T)
     is True. Only those rows go through the 50k-wide head.
     """
-    from train_gpt2 import token_losses
+    from chunked_loss import token_losses
     if hasattr(model, "hidden_states"):  # our GPT; its padded vocab rows are cut off the logits
         h, vocab_size = model.hidden_states(idx)[select], model.config.vocab_size
     else:  # Hugging Face GPT2LMHeadModel
@@ -266,7 +266,8 @@ def load_model(args, device):
 def benchmark(items, device, batch_size, n_layer=4, n_embd=128, repeats=1):
     """items/s of one item per forward vs batch_size items per forward, for a random small GPT."""
     from gpt2_tokenizer import get_tokenizer
-    from train_gpt2 import GPT, GPTConfig, token_losses
+    from chunked_loss import token_losses
+    from train_gpt2 import GPT, GPTConfig
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=n_layer, n_head=n_embd // 32, n_embd=n_embd)).to(device)
     score(model, items[:batch_size], device, batch_size)  # warm-up: allocator, kernels, tokenizer

@@ -175,6 +175,21 @@ class RunDir:
         self.log_runs = log_runs
         self._write_record()
 
+    def save(self, state, keep):
+        """Writes state (model, optimizer, step, ...) as this line's checkpoint, with the RNG state, the run's id
+        and the log position added, then keeps the line's newest keep. Returns its path."""
+        log = os.path.join(self.dir, "log.txt")
+        state = {**state, "rng": rng_state(), "run": self.run, "tag": self.tag,
+                 "log_pos": os.path.getsize(log) if os.path.exists(log) else 0}
+        bad = first_nonfinite(state["optimizer"])  # AdamW's dict, or Muon's and AdamW's in a list
+        if bad:
+            raise nonfinite_error(state["step"], f"optimizer state {bad} is NaN or inf, so no checkpoint is "
+                                                 f"written", self.latest or "none")
+        path = self.path(state["step"])
+        save_checkpoint(path, state)
+        self.saved(path, keep)
+        return path
+
     def path(self, step):
         return os.path.join(self.dir, f"ckpt_{step:06d}{'_' + self.tag if self.tag else ''}.pt")
 
@@ -197,6 +212,22 @@ class RunDir:
     def close(self):
         _held.pop(os.path.realpath(self.dir), None)
         self.lock.close()  # closing the file releases the flock
+
+
+def check_writable(folder, flag):
+    """Makes folder and writes a probe file in it (root passes os.access, not a read-only mount or chattr +i)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".probe.{os.getpid()}"), "w").close()
+        os.remove(os.path.join(folder, f".probe.{os.getpid()}"))
+    except OSError as e:
+        why = "it is a file" if os.path.isfile(folder) else e.strerror
+        raise ConfigError(f"{flag}={folder}: cannot write there ({why}); choose a writable folder") from None
+
+
+def append_log(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +266,11 @@ def list_checkpoints(log_dir):
     """The checkpoints of log_dir's current line, oldest first: [-1] is what --resume takes."""
     rec = read_record(log_dir)
     return [path for _, _, path in checkpoints(log_dir, rec.get("tag", "") if rec else None)]
+
+
+def nonfinite_error(step, what, latest):
+    return FloatingPointError(f"step {step}: {what}; last good checkpoint: {latest} -- resume from it with "
+                              f"--resume and a lower --max_lr, or start again with one")
 
 
 def first_nonfinite(state, name=""):

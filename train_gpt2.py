@@ -10,7 +10,6 @@ Every field of TrainConfig below is a flag, --name=value or --name value (--help
 Importing this file runs nothing: `from train_gpt2 import GPT, GPTConfig`.
 """
 
-import ctypes
 import dataclasses
 import datetime
 import inspect
@@ -34,6 +33,8 @@ import torch.nn.functional as F
 
 import flags
 import run_dir
+from chunked_loss import chunked_cross_entropy, token_losses  # the head and its loss, no full logits
+from perf import auto_batch_size, measure_peak_flops, reuse_freed_memory
 from run_dir import ConfigError
 from muon import Muon, Optimizers  # --optimizer=muon
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
@@ -155,7 +156,7 @@ def validate_config(cfg):
     if cfg.data.endswith(".npy"):
         raise ConfigError(f"--data={cfg.data} is one shard; pass its folder: "
                           f"--data={os.path.dirname(cfg.data) or '.'}")
-    check_writable(cfg.log_dir, "--log_dir")
+    run_dir.check_writable(cfg.log_dir, "--log_dir")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class GPTConfig:
     n_embd: int = 768
     vocab_multiple: int = 64  # embedding rows are padded to a multiple of this (50257 -> 50304)
     flash: bool = True  # attention through F.scaled_dot_product_attention; False: written out
-    dropout: float = 0.0  # training only: embeddings, attention weights, residual branches (HF GPT-2's places)
+    dropout: float = 0.0  # training only: embeddings, attention weights, residual branches (as HF GPT-2)
 
     @property
     def padded_vocab_size(self):
@@ -264,98 +265,6 @@ class Block(nn.Module):
         return x
 
 
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """
-    Mean cross-entropy of x @ weight.T against targets, weight's padded rows (>= vocab_size) left out,
-    without the (N, vocab) logits ever existing in full. On a small GPT the head and its loss are most
-    of a step, and the plain path writes and re-reads those logits in fp32 several times over.
-    Rows go through in chunks; the loss is the end of the graph, so each chunk's gradient
-    (softmax - onehot) is taken at once in the forward and backward only scales it: no recompute.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, chunk_rows, padded):
-        device_type = x.device.type
-        # the matmuls run in the autocast dtype like any nn.Linear would; the softmax in fp32
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        with torch.autocast(device_type, enabled=False):
-            # padded: all of weight's rows (50304 = 2**7 * 393 tiles evenly on a GPU; 50257 is odd, so every
-            # bf16 row of the logits would be misaligned), the padded logits masked out of the softmax
-            xd, w = x.to(dtype), (weight if padded else weight[:vocab_size]).to(dtype)  # (N, C), (V, C)
-            loss = torch.zeros((), device=x.device)
-            grad_x = []
-            grad_wt = torch.zeros(w.size(1), w.size(0), device=x.device)  # (C, V): x.T @ g beat g.T @ x here
-            for i in range(0, x.size(0), chunk_rows):
-                xc, yc = xd[i:i + chunk_rows], targets[i:i + chunk_rows]
-                logits = xc @ w.t()  # (rows, V)
-                logits[:, vocab_size:] = float("-inf")  # exp() is then exactly 0: no probability, no gradient
-                target_logit = logits.gather(1, yc[:, None]).squeeze(1).float()
-                # one exp per logit: e = exp(logits - max) is kept as it is, and softmax's 1/sum
-                # goes onto the small operands of the two matmuls below instead of onto e
-                m = logits.amax(dim=-1).float()
-                e = logits.float().sub_(m[:, None]).exp_()
-                s = e.sum(dim=-1)
-                loss += (m + s.log() - target_logit).sum()  # logsumexp - target logit
-                g = e.to(dtype)
-                # (softmax - onehot) * s: the target's entry in fp32, not as a difference of rounded numbers
-                g[torch.arange(len(yc), device=x.device), yc] = (torch.exp(target_logit - m) - s).to(dtype)
-                inv_s = 1.0 / s
-                grad_x.append((g @ w).float() * inv_s[:, None])
-                grad_wt += (xc.float() * inv_s[:, None]).to(dtype).t().contiguous() @ g
-        ctx.save_for_backward(torch.cat(grad_x), grad_wt)
-        ctx.padded_vocab_size = weight.size(0)
-        return loss / x.size(0)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_wt = ctx.saved_tensors
-        scale = grad_loss / grad_x.size(0)  # the mean over rows
-        # transposed back (and padded, where the matmuls ran unpadded) here, where compile fuses it with
-        # adding wte's own gradient
-        grad_w = F.pad(grad_wt.t() * scale, (0, 0, 0, ctx.padded_vocab_size - grad_wt.size(1)))
-        return grad_x * scale, grad_w, None, None, None, None
-
-
-def chunked_cross_entropy(x, weight, targets, vocab_size, chunk_rows=None, padded=None):
-    """
-    F.cross_entropy(x @ weight[:vocab_size].T, targets) for x (..., C), targets (...), in chunks of rows.
-    padded: the matmuls at all of weight's rows, the padded logits masked; default on CUDA only, since on a
-    CPU the padded width measured slower (461-496 ms against 415-419 ms a step, bench.py's 4-layer model).
-    """
-    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    padded = x.device.type == "cuda" if padded is None else padded
-    if chunk_rows is None and x.device.type == "cpu":
-        # a chunk's biggest temporary (the fp32 softmax eagerly; under compile, which fuses the
-        # softmax, the matmul's output) stays under 32 MiB, glibc's largest mmap threshold: bigger
-        # blocks come back as fresh pages on every call, each one zeroed by the kernel
-        itemsize = 2 if torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu") else 4
-        chunk_rows = 2 ** max(0, (2**25 // (vocab_size * itemsize)).bit_length() - 1)  # a power of two
-    chunk_rows = chunk_rows or 8192  # a GPU wants big matmuls; 8192 rows of bf16 logits are 0.8 GB
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return ChunkedCrossEntropy.apply(x, weight, targets, vocab_size, chunk_rows, padded)
-    return token_losses(x, weight, targets, vocab_size, chunk_rows).mean()  # evaluation: loss only
-
-
-@torch.no_grad()
-def token_losses(x, weight, targets, vocab_size, chunk_rows=None):
-    """
-    Cross-entropy (N,) of x (N, C) @ weight.T against targets (N,), no grad, chunk_rows rows at a time:
-    on a CPU a chunk's logits (128 x 50304 fp32, 26 MB) stay in the last-level cache while logsumexp
-    reads them, and no (N, V) log-softmax is ever written out. Used by val loss and HellaSwag.
-    """
-    chunk_rows = chunk_rows or (128 if x.device.type == "cpu" else 8192)
-    losses = []
-    for i in range(0, x.size(0), chunk_rows):
-        # all of weight's rows, padded ones too: a width that is a multiple of 64 makes the matmul
-        # faster than a sliced weight would, and slicing the logits is free
-        logits = (x[i:i + chunk_rows] @ weight.t())[:, :vocab_size].float()
-        target_logit = logits.gather(1, targets[i:i + chunk_rows, None]).squeeze(1)
-        # logsumexp in place on this chunk's own logits: no temporary as big as they are
-        m = logits.amax(dim=1)
-        losses.append(logits.sub_(m[:, None]).exp_().sum(dim=1).log_().add_(m) - target_logit)
-    return torch.cat(losses) if losses else x.new_zeros(0)
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -420,10 +329,12 @@ class GPT(nn.Module):
         try:
             hf = GPT2LMHeadModel.from_pretrained(name_or_path)
         except OSError as e:  # offline, or no such name or folder
-            raise ConfigError(f"{name_or_path}: could not load it ({str(e).strip().splitlines()[0]})") from None
+            why = str(e).strip().splitlines()[0]
+            raise ConfigError(f"{name_or_path}: could not load it ({why})") from None
         c = hf.config
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.scale_attn_by_inverse_layer_idx:
-            raise ConfigError(f"{name_or_path}: only standard GPT-2 checkpoints load (tanh GELU, plain attention)")
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or \
+                c.scale_attn_by_inverse_layer_idx:
+            raise ConfigError(f"{name_or_path}: only standard GPT-2 checkpoints load (tanh GELU, plain attn)")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                            n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dropout=dropout)
         model = cls(config)
@@ -486,7 +397,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         # 6N for the matmuls of forward + backward, plus attention scores (PaLM paper, appendix B)
-        L, H, Q, T = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head, self.config.block_size
+        c = self.config
+        L, H, Q, T = c.n_layer, c.n_head, c.n_embd // c.n_head, c.block_size
         return 6 * self.num_params() + 12 * L * H * Q * T
 
     @torch.no_grad()
@@ -577,7 +489,7 @@ def load_text_tokens(path, val_fraction=0.1):
         with open(path, encoding="utf-8") as f:
             tokens = np.array(get_tokenizer().encode_ordinary(f.read()), dtype=np.uint16)
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--data={path}: not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+        raise ConfigError(f"--data={path}: not UTF-8 ({e.reason} at byte {e.start}); convert it") from None
     n_val = max(1, int(len(tokens) * val_fraction))  # build_data checks both splits against one batch
     return tokens[:-n_val], tokens[-n_val:]
 
@@ -598,7 +510,7 @@ def download_shakespeare(path):
 
 
 def load_shard(path, vocab_size=50257, ids=True):
-    """A shard memory-mapped, checked: 1-D uint16, the size its header says (no token read), ids < vocab_size."""
+    """A shard memory-mapped and checked: 1-D uint16, the size its header says, (if ids) ids < vocab_size."""
     fix = "rebuild the folder with fineweb.py (delete it, rerun the same command)"
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -614,12 +526,12 @@ def load_shard(path, vocab_size=50257, ids=True):
 
 
 def find_shards(folder):
-    """(train shard paths, val shard paths) of a fineweb.py output folder, told apart by the exact name pattern."""
+    """(train shard paths, val shard paths) of a fineweb.py output folder, told apart by name pattern."""
     hint = "create it with: python fineweb.py (or pass --data=input.txt)"
     if not os.path.isdir(folder):
         raise ConfigError(f"--data={folder}: no such shard folder; {hint}")
     # fineweb.py's names, PREFIX_val_000000.npy and PREFIX_train_000001.npy: a prefix may contain "val" too
-    found = [m for m in (re.fullmatch(r"(.+)_(train|val)_\d+\.npy", n) for n in sorted(os.listdir(folder))) if m]
+    found = [m for n in sorted(os.listdir(folder)) if (m := re.fullmatch(r"(.+)_(train|val)_\d+\.npy", n))]
     train, val = ([os.path.join(folder, m[0]) for m in found if m[2] == split] for split in ("train", "val"))
     if not train or not val:
         raise ConfigError(f"--data={folder}: needs *train*.npy and *val*.npy shards, found "
@@ -689,7 +601,8 @@ class DataLoaderLite:
             return list(range(len(self.sources)))
         if epoch not in self._orders:
             self._orders = {}  # keep one epoch's orders in memory
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.sources)).tolist()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._orders[epoch] = rng.permutation(len(self.sources)).tolist()
         return self._orders[epoch]
 
     def _doc_perm(self, epoch, i):
@@ -716,7 +629,8 @@ class DataLoaderLite:
                 pieces.append(src.read(offset, take, self._doc_perm(epoch, i)))
             offset, n = offset + take, n - take
             if offset == len(src):
-                epoch, slot, offset = (epoch + (slot + 1) // len(self.sources), (slot + 1) % len(self.sources), 0)
+                epoch, slot = divmod(epoch * len(self.sources) + slot + 1, len(self.sources))
+                offset = 0
         return (epoch, slot, offset), (np.concatenate(pieces) if read else None)
 
     def next_batch(self):
@@ -733,8 +647,10 @@ class DataLoaderLite:
                 "shuffle": self.shuffle, "seed": self.seed, "sources": len(self.sources)}
 
     def load_state_dict(self, state):
-        if state.get("sources", len(self.sources)) != len(self.sources) or state["source"] >= len(self.sources):
-            raise ConfigError(f"the checkpoint read {state.get('sources', 'more')} train shards/files, --data now "
+        n = len(self.sources)
+        if state.get("sources", n) != n or state["source"] >= n:
+            raise ConfigError(f"the checkpoint read {state.get('sources', 'more')} train shards/files, "
+                              f"--data now "
                               f"has {len(self.sources)}; resume with the --data it was trained on")
         if state["shuffle"] != self.shuffle or state["seed"] != self.seed:
             raise ConfigError(f"--shuffle/--seed differ from the checkpoint's ({state['shuffle']}, "
@@ -747,8 +663,9 @@ def val_windows(sources, B, T, val_tokens):
     total = sum(len(s) for s in sources)
     n = min(val_tokens, total - 1) // (B * T)
     if n == 0:
-        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than one batch of "
-                          f"--batch_size*--block_size={B * T} tokens; raise --val_tokens or lower --batch_size")
+        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than one "
+                          f"batch of --batch_size*--block_size={B * T} tokens; raise --val_tokens or lower "
+                          f"--batch_size")
     return n
 
 
@@ -758,13 +675,16 @@ def build_data(cfg, B, T, rank, world_size):
         import fineweb
         paths = find_shards(cfg.data)
         # each shard's header and size, and the manifest, now; its ids (a full read) when it is first read
-        train, val = ([Source(lambda p=p: load_shard(p), len(load_shard(p, ids=False))) for p in ps] for ps in paths)
-        fineweb.verify_shards(cfg.data, [os.path.basename(p) for p in sum(paths, [])], cfg.verify_shards, ConfigError)
+        train, val = ([Source(lambda p=p: load_shard(p), len(load_shard(p, ids=False))) for p in ps]
+                      for ps in paths)
+        names = [os.path.basename(p) for p in sum(paths, [])]
+        fineweb.verify_shards(cfg.data, names, cfg.verify_shards, ConfigError)
     else:
         tr, va = load_text_tokens(cfg.data)
         train, val = [Source(lambda: tr)], [Source(lambda: va)]
     if sum(len(s) for s in train) <= B * T:
-        raise ConfigError(f"--data={cfg.data}: its train split is smaller than one batch of --batch_size*--block_size"
+        raise ConfigError(f"--data={cfg.data}: its train split is smaller than one batch of "
+                          f"--batch_size*--block_size"
                           f"={B * T} tokens; lower --batch_size or add data")
     if cfg.eval_interval > 0:
         val_windows(val, B, T, cfg.val_tokens)  # now, not at the first eval
@@ -850,8 +770,10 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
     device_type = device.split(":")[0]
     if device_type not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps")
-    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]:
-        raise ConfigError(f"--device={device}: no {device_type.upper()} device is available here; use --device=cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device_type]:
+        raise ConfigError(f"--device={device}: no {device_type.upper()} device is available here; "
+                          f"use --device=cpu")
     if "RANK" not in os.environ:
         if device_type == "cuda" and device != "cuda":
             # cuda:N: made the current GPU, else synchronize(), the memory stats, the peak probe and a
@@ -862,7 +784,7 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
                                   f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
             torch.cuda.set_device(int(index))
         return DistInfo(0, 0, 1, device, device_type, True)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -871,79 +793,6 @@ def setup_distributed(device="auto", backend="auto", timeout_s=600):
     # a rank that waits longer than timeout_s for the others fails the job instead of hanging it
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, local_rank, world, device, device_type, rank == 0)
-
-
-def predicted_peak_bytes(cfg, B):
-    """
-    A training step's peak GPU memory, predicted from 24.9 GB measured for 124M at B=64, T=1024 on an H100:
-    16 bytes per parameter (weights, grads, AdamW moments) + 40 per token, layer and channel.
-    """
-    L, C, T = cfg.n_layer, cfg.n_embd, cfg.block_size
-    return 16 * (12 * L * C * C + 50304 * C) + 40 * B * T * L * C
-
-
-def auto_batch_size(cfg, d):
-    """--batch_size=0: 64 off CUDA; on a GPU the largest of 128, 64, ... that divides the step and whose
-    predicted peak (predicted_peak_bytes) fits 80% of free memory. 124M: 128 on 80 GB."""
-    if d.device_type != "cuda":
-        return 64
-    free = torch.cuda.mem_get_info(d.device)[0]
-    rows = cfg.block_size * d.world_size  # tokens of one sequence on every rank
-    return next((b for b in (128, 64, 32, 16, 8, 4, 2)
-                 if cfg.total_batch_size % (b * rows) == 0 and predicted_peak_bytes(cfg, b) <= 0.8 * free), 1)
-
-
-def measure_peak_flops(device, dtype, n=None, iters=10):
-    """
-    FLOP/s of a large square matmul in dtype on device: the honest ceiling for MFU here. A fixed number
-    of matmuls between two synchronizes: a GPU queues ~1,000 launches before the host blocks, so a loop
-    that watched the host's clock would time the queueing and then wait for the queue to drain.
-    """
-    on_cuda = str(device).startswith("cuda")
-    n = n or (8192 if on_cuda else 1024)  # 1.1 TFLOP, ~2 ms in bf16 on an H100; on 2 CPU cores ~40 ms in fp32
-    gen = torch.Generator(device=device).manual_seed(0)  # leave the global RNG alone
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    sync = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
-    a @ b  # the first call picks its kernel
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
-
-
-def reuse_freed_memory():
-    """
-    Have glibc's malloc keep freed blocks of up to 32 MiB for the next step instead of handing them back to
-    the kernel: a CPU step frees and reallocates the same tens of MB every time, and pages given back come
-    back zeroed, one page fault per 4 KiB (docs/performance.md). Setting any threshold turns off glibc's
-    self-tuning of both, so both are set. Returns False, changing nothing, where the C library is not glibc.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    # 32 MiB is the largest mmap threshold glibc accepts; 1 GiB of free heap before it trims
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 25)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
-def check_writable(folder, flag):
-    """Makes folder and writes a probe file in it (root passes os.access, not a read-only mount or chattr +i)."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f".probe.{os.getpid()}"), "w").close()
-        os.remove(os.path.join(folder, f".probe.{os.getpid()}"))
-    except OSError as e:
-        why = "it is a file" if os.path.isfile(folder) else e.strerror
-        raise ConfigError(f"{flag}={folder}: cannot write there ({why}); choose a writable folder") from None
-
-
-def append_log(path, line):
-    with open(path, "a") as f:
-        f.write(line + "\n")
 
 
 def fmt_count(x):
@@ -981,7 +830,7 @@ class Run:
 def resolve_resume(cfg, explicit):
     """The checkpoint to resume from, and the run config: the checkpoint's, with explicit flags on top."""
     path, ckpt = run_dir.load_resume_checkpoint(cfg.log_dir, cfg.resume)
-    # stop_step, start_over and verify_shards belong to one invocation (one job of a split run), not to the run
+    # stop_step, start_over and verify_shards belong to one invocation (a job of a split run), not the run
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "start_over", "verify_shards"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
     return ckpt, TrainConfig(**{**values, **explicit, "resume": path})
@@ -1024,8 +873,9 @@ def build_model(r, ckpt):
             run_dir.check_model_config(ckpt["model_config"], dataclasses.asdict(wanted), cfg.resume)
         raw_model = GPT(GPTConfig(**ckpt["model_config"]) if ckpt is not None else wanted)
     if r.T > raw_model.config.block_size:
-        raise ConfigError(f"--block_size={r.T} exceeds {cfg.resume or cfg.init_from}'s "
-                          f"{raw_model.config.block_size}; pass --block_size={raw_model.config.block_size} or less")
+        n = raw_model.config.block_size
+        raise ConfigError(f"--block_size={r.T} exceeds {cfg.resume or cfg.init_from}'s {n}; "
+                          f"pass --block_size={n} or less")
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
     r.raw_model = raw_model.to(d.device)
@@ -1034,11 +884,12 @@ def build_model(r, ckpt):
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         r.model = DDP(r.compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
-    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,  # Newton-Schulz in bf16 if the run is (not MPS)
-                ns_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" and d.device_type != "mps" else torch.float32)
-    r.optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                                                 d.device_type, zero1=cfg.zero1 and d.world_size > 1,
-                                                 muon=muon if cfg.optimizer == "muon" else None)
+    bf16 = cfg.dtype == "bfloat16" and d.device_type != "mps"  # Newton-Schulz in bf16 if the run is (not MPS)
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                ns_dtype=torch.bfloat16 if bf16 else torch.float32)
+    r.optimizer = raw_model.configure_optimizers(
+        cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device_type,
+        zero1=cfg.zero1 and d.world_size > 1, muon=muon if cfg.optimizer == "muon" else None)
 
 
 def restore(r, ckpt):
@@ -1075,18 +926,19 @@ def print_start(r, ckpt, start_step, peak):
            f"{cfg.total_batch_size} tokens/step | measured peak {peak / 1e12:.2f} TFLOP/s per device"
            + (f" | resuming at step {start_step}" if ckpt else ""))
     if cfg.warmup_steps >= cfg.max_steps:
-        print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never leaves "
-               f"its warmup (it ends at {get_lr(cfg.max_steps - 1, cfg):.1e}, not {cfg.max_lr:.1e}); "
-               f"lower --warmup_steps")
+        end = get_lr(cfg.max_steps - 1, cfg)
+        print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never "
+               f"leaves its warmup (it ends at {end:.1e}, not {cfg.max_lr:.1e}); lower --warmup_steps")
     if ckpt is not None and ckpt["config"]["max_steps"] != cfg.max_steps:
         was = dataclasses.replace(cfg, max_steps=ckpt["config"]["max_steps"])
-        print0(f"warning: --max_steps={cfg.max_steps} differs from the checkpoint's {was.max_steps}: the cosine "
-               f"LR schedule is redrawn over the new length (step {start_step}: lr {get_lr(start_step, cfg):.1e}, "
-               f"{get_lr(start_step, was):.1e} in the original schedule)")
+        now, then = get_lr(start_step, cfg), get_lr(start_step, was)
+        print0(f"warning: --max_steps={cfg.max_steps} differs from the checkpoint's {was.max_steps}: the LR "
+               f"schedule is redrawn over the new length (step {start_step}: lr {now:.1e}, {then:.1e} in the "
+               f"original one)")
 
 
 class StopSignal:
-    """Preemption and Ctrl-C: the step finishes, a checkpoint is written, the run exits; a second signal kills."""
+    """Preemption, Ctrl-C: the step finishes, a checkpoint is written, the run exits; a second one kills."""
 
     def __init__(self, install):
         self.signum = 0
@@ -1100,9 +952,7 @@ class StopSignal:
 
 
 def nonfinite_error(r, step, what):
-    good = (r.folder.latest or "none") if r.folder else "(see rank 0)"
-    return FloatingPointError(f"step {step}: {what}; last good checkpoint: {good} -- resume from it with "
-                              f"--resume and a lower --max_lr, or start again with one")
+    return run_dir.nonfinite_error(step, what, (r.folder.latest or "none") if r.folder else "(see rank 0)")
 
 
 def evaluate(r, step):
@@ -1112,15 +962,16 @@ def evaluate(r, step):
     val_loss = evaluate_loss(r.compiled, r.val_sources, r.B, r.T, cfg.val_tokens, d, r.autocast)
     print0(f"step {step} | val loss {val_loss:.4f}")
     if d.master:
-        append_log(log_path, f"{step} val {val_loss:.4f}")
+        run_dir.append_log(log_path, f"{step} val {val_loss:.4f}")
     if r.hellaswag_items is not None:
         import hellaswag
         counts = hellaswag.evaluate_counts(r.raw_model, r.hellaswag_items, d.device, d.rank, d.world_size,
                                            autocast=r.autocast, batch_size=max(1, r.B // 4))
         acc_norm = counts["correct_norm"] / max(1, counts["total"])
-        print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} ({counts['correct_norm']}/{counts['total']})")
+        print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} "
+               f"({counts['correct_norm']}/{counts['total']})")
         if d.master:
-            append_log(log_path, f"{step} hella {acc_norm:.4f}")
+            run_dir.append_log(log_path, f"{step} hella {acc_norm:.4f}")
     if d.master and cfg.num_samples > 0:
         with r.autocast:
             for text in sample_texts(r.raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
@@ -1153,7 +1004,8 @@ def train_step(r, step):
     if d.world_size > 1:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
         loss_accum /= d.world_size
-    norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(r.raw_model.parameters(), clip)
     lr = get_lr(step, cfg)
     for group in r.optimizer.param_groups:  # Muon's groups: the same schedule, from --muon_lr
         group["lr"] = lr * cfg.muon_lr / cfg.max_lr if group.get("muon") else lr
@@ -1161,7 +1013,7 @@ def train_step(r, step):
 
 
 def update(r, step, loss_val, norm_val):
-    """The optimizer step, unless the loss or grad norm is NaN/inf: then stop, or skip with --skip_nonfinite."""
+    """The optimizer step, unless the loss or grad norm is NaN/inf: then stop (or skip: --skip_nonfinite)."""
     if math.isfinite(loss_val) and math.isfinite(norm_val):
         return r.optimizer.step()
     what = f"non-finite loss {loss_val} / grad norm {norm_val}"
@@ -1175,26 +1027,18 @@ def update(r, step, loss_val, norm_val):
 
 
 def checkpoint(r, steps_done, val_loss):
-    """Every rank calls it (--zero1 gathers the state collectively); rank 0 writes it if all of it is finite."""
-    cfg, d, run = r.cfg, r.d, r.folder
-    if cfg.zero1 and d.world_size > 1:
+    """Every rank calls it (--zero1 gathers the state collectively); rank 0 writes it if it is all finite."""
+    if r.cfg.zero1 and r.d.world_size > 1:
         r.optimizer.consolidate_state_dict(to=0)
     bad = run_dir.first_nonfinite(r.raw_model.state_dict())  # the same on every rank, so all stop together
     if bad:
         raise nonfinite_error(r, steps_done, f"weight {bad} is NaN or inf, so no checkpoint is written")
-    if not d.master:
-        return
-    log_path = os.path.join(cfg.log_dir, "log.txt")
-    state = {"model": r.raw_model.state_dict(), "optimizer": r.optimizer.state_dict(), "step": steps_done,
-             "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(r.raw_model.config),
-             "val_loss": val_loss, "loader": r.loader.state_dict(), "rng": run_dir.rng_state(), "run": run.run,
-             "tag": run.tag, "log_pos": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
-    bad = run_dir.first_nonfinite(state["optimizer"])  # AdamW's dict, or Muon's and AdamW's in a list
-    if bad:
-        raise nonfinite_error(r, steps_done, f"optimizer state {bad} is NaN or inf, so no checkpoint is written")
-    run_dir.save_checkpoint(run.path(steps_done), state)
-    run.saved(run.path(steps_done), cfg.keep_checkpoints)
-    print0(f"checkpoint: {run.path(steps_done)}")
+    if r.folder:
+        path = r.folder.save({"model": r.raw_model.state_dict(), "optimizer": r.optimizer.state_dict(),
+                              "step": steps_done, "config": dataclasses.asdict(r.cfg), "val_loss": val_loss,
+                              "model_config": dataclasses.asdict(r.raw_model.config),
+                              "loader": r.loader.state_dict()}, r.cfg.keep_checkpoints)
+        print0(f"checkpoint: {path}")
 
 
 def train(cfg, explicit=None):
@@ -1237,26 +1081,29 @@ def train(cfg, explicit=None):
         print0(f"step {step}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
         if d.master:
-            append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
+            run_dir.append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
         # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
         flag = torch.tensor([stop.signum], device=d.device)
         if d.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         stopping = bool(flag.item()) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
-        if stopping or last_step or (cfg.checkpoint_interval > 0 and (step + 1) % cfg.checkpoint_interval == 0):
+        due = cfg.checkpoint_interval > 0 and (step + 1) % cfg.checkpoint_interval == 0
+        if stopping or last_step or due:
             checkpoint(r, step + 1, val_loss)
         if stopping:
-            print0(f"stopped after step {step + 1}" + (f" on signal {int(flag.item())}" if flag.item() else "")
+            signum = int(flag.item())
+            print0(f"stopped after step {step + 1}" + (f" on signal {signum}" if signum else "")
                    + "; continue with --resume")
             break
 
     # finish
     timed = step_times[1:] or step_times  # the first step pays for compile and warm-up
-    # step: the last one run, numbered from 0 as in log.txt (ckpt_{N} and "resuming at step N" count steps done)
+    # step: the last one run, numbered from 0 as in log.txt (ckpt_N and "resuming at step N" count steps done)
     summary = {"step": step, "val_loss": val_loss, "mean_step_ms": 1000 * sum(timed) / max(1, len(timed))}
     if d.device_type == "cuda":
         summary["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    print0("done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    print0("done: " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in summary.items()))
     if d.world_size > 1:
         # leave together: a rank that tears gloo down while rank 0 still writes the checkpoint
         # can abort ("terminate called without an active exception") and fail the whole job
@@ -1274,7 +1121,8 @@ def main(argv):
     try:
         cfg = parse_args(argv)
         # what overrides a resumed checkpoint's config: the preset's values and the flags given
-        explicit = {**PRESETS.get(cfg.preset, {}), **flags.parse_flags(TrainConfig, argv, {"resume": "latest"})}
+        given = flags.parse_flags(TrainConfig, argv, {"resume": "latest"})
+        explicit = {**PRESETS.get(cfg.preset, {}), **given}
         train(cfg, explicit)
     except ConfigError as e:  # run_dir's RunDirError too
         print(f"error: {e}", file=sys.stderr)

@@ -17,7 +17,8 @@ import hellaswag
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import HELLASWAG
-from train_gpt2 import GPT, GPTConfig, get_tokenizer, token_losses
+from chunked_loss import token_losses
+from train_gpt2 import GPT, GPTConfig, get_tokenizer
 
 HAND_MADE = [
     {"ctx": "The cat sat on the", "endings": ["mat.", "moon, singing loudly to the stars.", "dog", "a"],

@@ -94,7 +94,7 @@ def test_sigterm_finishes_the_step_and_checkpoints(reference, tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert "on signal 15; continue with --resume" in stdout
-    run(args(data, tmp_path, [f"--resume={train_gpt2.list_checkpoints(str(tmp_path))[-1]}"]))
+    run(args(data, tmp_path, [f"--resume={train_gpt2.run_dir.list_checkpoints(str(tmp_path))[-1]}"]))
     assert_identical(ref_dir, tmp_path)
 
 
@@ -118,7 +118,7 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(reference, tmp_pa
     rc = train_gpt2.main(args(data, tmp_path, ["--checkpoint_interval=2"]))
     err = capsys.readouterr().err
     assert rc == 1 and "step 3: non-finite loss nan" in err and "ckpt_000002.pt" in err
-    assert train_gpt2.list_checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt_000002.pt")]
+    assert train_gpt2.run_dir.list_checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt_000002.pt")]
     good = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
     assert good["step"] == 2 and all(torch.isfinite(t).all() for t in good["model"].values())
 

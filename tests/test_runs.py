@@ -74,7 +74,7 @@ def test_resuming_an_older_checkpoint_branches_off_without_touching_the_newer_fi
     assert train(data, tmp_path, "--resume", "--keep_checkpoints=1") == 0
     assert "resuming at step 6" in capsys.readouterr().out
     assert files(tmp_path).keys() == {*first, "ckpt_000008_b1.pt"}  # clean-up deleted only the branch's own
-    assert train_gpt2.list_checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt_000008_b1.pt")]  # what play.ipynb shows
+    assert train_gpt2.run_dir.list_checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt_000008_b1.pt")]  # what play.ipynb shows
     assert [s for s, _ in read_log(tmp_path)] == list(range(8))
     # the branch trained on the same config: it is the same run as the one it left
     a = torch.load(tmp_path / "ckpt_000008.pt", weights_only=True)["model"]
