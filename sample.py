@@ -68,13 +68,14 @@ class KVCache:
         q_pos = self.pos + torch.arange(T, device=k.device)
         self.k[layer].index_copy_(2, q_pos, k)
         self.v[layer].index_copy_(2, q_pos, v)
-        mask = torch.arange(self.k[layer].size(2), device=k.device) <= q_pos[:, None]  # key j visible to query i
+        mask = torch.arange(self.k[layer].size(2), device=k.device) <= q_pos[:, None]  # key j seen by query i
         return self.k[layer], self.v[layer], mask
 
 
 def sample_next(logits, temperature, top_k, noise):
-    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a top-k sample as argmax(probs / noise),
-    noise ~ Exp(1) drawn outside (the exponential race: i wins with probability probs[i]); no RNG in a graph.
+    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a top-k sample as
+    argmax(probs / noise), noise ~ Exp(1) drawn outside (the exponential race: i wins with probability
+    probs[i]); no RNG in a graph.
     The same arithmetic as GPT.generate, so both give the same tokens from the same draws."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # the same index in any dtype: no fp32 copy
@@ -105,14 +106,17 @@ def last_logits(head, weights, idx, cache):
 
 
 def decode_step(head, weights, out, cache, noise, temperature, top_k):
-    """Feeds the token at position cache.pos of out (B, block_size + 1) and writes the next one after it."""
+    """Feeds the token at position cache.pos of out (B, block_size + 1) and writes the next one after it;
+    returns its logits (B, V) (compiled on CUDA: valid until the next step)."""
     if cache.static:  # the position stays on the device: no host sync, one graph for every position
         at = cache.pos.repeat(out.size(0), 1)  # (B, 1), a copy: cache.pos moves on in the forward
         logits = last_logits(head, weights, out.gather(1, at), cache)
         out.scatter_(1, at + 1, sample_next(logits, temperature, top_k, noise)[:, None])
     else:
         p = cache.pos
-        out[:, p + 1] = sample_next(last_logits(head, weights, out[:, p:p + 1], cache), temperature, top_k, noise)
+        logits = last_logits(head, weights, out[:, p:p + 1], cache)
+        out[:, p + 1] = sample_next(logits, temperature, top_k, noise)
+    return logits
 
 
 class Decoder:
@@ -136,7 +140,8 @@ class Decoder:
                         for p, t in m.named_parameters(recurse=False) if t.dtype != dtype}
         self.step = decode_step
         if compile:
-            for t in (self.out, *self.cache.k, *self.cache.v, self.cache.pos, self.noise, *self.weights.values()):
+            for t in (self.out, *self.cache.k, *self.cache.v, self.cache.pos, self.noise,
+                      *self.weights.values()):
                 torch._dynamo.mark_static_address(t)  # used in place, not copied into the graph
             self.step = torch.compile(decode_step, fullgraph=True, dynamic=False,
                                       mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
@@ -197,6 +202,26 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     return idx
 
 
+@torch.no_grad()
+def teacher_forced_logits(model, tokens, prompt_len, compile=False, top_k=50):
+    """
+    The logits (B, n, V) generate's greedy path computes for tokens (B, prompt_len + n), had it picked
+    tokens[:, prompt_len:] itself: the prompt in one forward, then each token fed through the same step
+    (the same graph, given generate's top_k). To compare the engine with another model on equal inputs.
+    """
+    model.eval()
+    B, L = tokens.shape
+    d = decoder(model, B, tokens.device, compile)
+    d.load_weights(model)
+    d.cache.reset()
+    d.out[:, :L] = tokens
+    logits = [last_logits(d.head, d.weights, tokens[:, :prompt_len], d.cache)]
+    for i in range(prompt_len, L - 1):
+        logits.append(d.step(d.head, d.weights, d.out, d.cache, d.noise, 0, top_k).clone())
+        d.out[:, i + 1] = tokens[:, i + 1]  # the step wrote its own pick there: the given token goes back
+    return torch.stack(logits, dim=1)
+
+
 def encode(prompt):
     """GPT-2 ids of prompt; <|endoftext|> in it is the separator token, as in the training data."""
     return get_tokenizer().encode(prompt, allowed_special={"<|endoftext|>"})
@@ -231,10 +256,10 @@ def parse_bool(text):
 def parse_args(argv):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="", help="a ckpt_*.pt written by train_gpt2.py")
-    p.add_argument("--model", default="", help="a Hugging Face GPT-2: gpt2, gpt2-medium, ..., or a local folder")
+    p.add_argument("--model", default="", help="a Hugging Face GPT-2: gpt2, gpt2-medium, ..., or a folder")
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue; FILE:path "
                    "reads it from a file; <|endoftext|> alone starts a fresh document")
-    p.add_argument("--num_samples", type=int, default=3, help="continuations of the prompt, sampled as one batch")
+    p.add_argument("--num_samples", type=int, default=3, help="continuations of the prompt, as one batch")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens per continuation")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy; below 1: more likely tokens")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens; 0: all")
@@ -245,10 +270,12 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     args = p.parse_args(argv)
     if bool(args.checkpoint) == bool(args.model):
-        raise ConfigError("give one of --checkpoint=PATH (train_gpt2.py's) or --model=NAME_OR_DIR (Hugging Face)")
+        raise ConfigError("give one of --checkpoint=PATH (train_gpt2.py's) or --model=NAME_OR_DIR (Hugging "
+                          "Face's)")
     for name in ("num_samples", "max_new_tokens", "top_k", "seed"):
-        if getattr(args, name) < (1 if name == "num_samples" else 0):
-            raise ConfigError(f"--{name}={getattr(args, name)}: must be {'>= 1' if name == 'num_samples' else '>= 0'}")
+        least = 1 if name == "num_samples" else 0
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name}={getattr(args, name)}: must be >= {least}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ConfigError(f"--temperature={args.temperature}: must be a finite number >= 0 (0: greedy)")
     if args.seed >= 2**63:
@@ -259,10 +286,11 @@ def parse_args(argv):
             with open(path, encoding="utf-8") as f:
                 args.prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--prompt=FILE:{path}: could not read it ({e.__class__.__name__}: "
-                              f"{getattr(e, 'strerror', None) or e}); pass a readable UTF-8 text file") from None
+            why = getattr(e, "strerror", None) or e
+            raise ConfigError(f"--prompt=FILE:{path}: could not read it ({e.__class__.__name__}: {why}); "
+                              f"pass a readable UTF-8 text file") from None
     if not args.prompt:
-        raise ConfigError("--prompt is empty: give text to continue (--prompt='<|endoftext|>' for a fresh document)")
+        raise ConfigError("--prompt is empty: give text to continue, or --prompt='<|endoftext|>'")
     return args
 
 
@@ -273,7 +301,8 @@ def resolve_device(device):
         dev = torch.device(device)
     except RuntimeError:
         raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available() or dev.type == "mps" and not torch.backends.mps.is_available():
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
         raise ConfigError(f"--device={device}: no such device here; use --device=cpu")
     return str(dev)
 
@@ -286,11 +315,11 @@ def main(argv):
         ids = encode(args.prompt)
         source = f"--checkpoint={args.checkpoint}" if args.checkpoint else f"--model={args.model}"
         if len(ids) > model.config.block_size:
-            raise ConfigError(f"--prompt is {len(ids)} tokens, more than the block_size {model.config.block_size} "
-                              f"of {source}; shorten it")
+            raise ConfigError(f"--prompt is {len(ids)} tokens, more than the block_size "
+                              f"{model.config.block_size} of {source}; shorten it")
         if max(ids) >= model.config.vocab_size:
-            raise ConfigError(f"--prompt has token id {max(ids)}, outside the {model.config.vocab_size}-token vocab "
-                              f"of {source}")
+            raise ConfigError(f"--prompt has token id {max(ids)}, outside the "
+                              f"{model.config.vocab_size}-token vocab of {source}")
     except (ConfigError, SystemExit) as e:
         if isinstance(e, SystemExit):  # --help
             return e.code or 0
@@ -298,10 +327,11 @@ def main(argv):
         return 2
     model.to(device).eval()
     device_type = torch.device(device).type
-    autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext())
-    with autocast:
-        texts = sample_texts(model, args.prompt, args.num_samples, args.max_new_tokens, device, seed=args.seed,
-                             temperature=args.temperature, top_k=args.top_k, compile=args.compile)
+    bf16 = args.dtype == "bfloat16"
+    with torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        texts = sample_texts(model, args.prompt, args.num_samples, args.max_new_tokens, device,
+                             seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                             compile=args.compile)
     for text in texts:
         print(text)
         print("---------------")

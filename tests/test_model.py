@@ -61,7 +61,8 @@ def test_sampling_never_picks_padded_ids():
     with torch.no_grad():  # make the padded rows the most likely by far if they were reachable
         model.transformer.wte.weight[100:] = 10.0
     for generate in (model.generate, lambda *a, **kw: sample.generate(model, *a, **kw)):
-        out = generate(torch.zeros(4, 1, dtype=torch.long), 10, top_k=0, generator=torch.Generator().manual_seed(0))
+        out = generate(torch.zeros(4, 1, dtype=torch.long), 10, top_k=0,
+                       generator=torch.Generator().manual_seed(0))
         assert out.max() < 100
 
 

@@ -1,4 +1,4 @@
-"""sample.py: the decode engine gives GPT.generate's and Hugging Face's tokens on every path; its command line."""
+"""sample.py: its engine gives GPT.generate's and Hugging Face's tokens on every path; its command line."""
 import os
 import subprocess
 import sys
@@ -63,13 +63,14 @@ def test_seeded_top_k_is_the_same_on_every_path(pair):
            for name, generate in paths(ours).items()}
     assert torch.equal(out["uncached"], out["eager"]) and torch.equal(out["eager"], out["compiled"])
     # and it samples: another seed, other tokens
-    other = sample.generate(ours, prompt, 50, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(4))
+    other = sample.generate(ours, prompt, 50, temperature=0.8, top_k=20,
+                            generator=torch.Generator().manual_seed(4))
     assert not torch.equal(other, out["eager"])
 
 
 def test_compiled_step_never_recompiles_and_modes_keep_their_buffers(pair):
-    """fullgraph=True: no graph break (no .item(), no host copy); error_on_recompile: one graph for every position
-    and prompt length. Eager and compiled calls alternate without rebuilding each other's buffers."""
+    """fullgraph=True: no graph break (no .item(), no host copy); error_on_recompile: one graph for every
+    position and prompt length. Eager and compiled calls alternate without rebuilding each other's buffers."""
     ours, hf = pair
     prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
@@ -95,8 +96,10 @@ def test_cache_positions_eager_on_host_compiled_on_device(pair):
         sample.generate(ours, prompt[:, :2], 9, temperature=0, compile=compile)
         assert sample.decoder(ours, 3, "cpu", compile) is d  # the same preallocated buffers
         pos = d.cache.pos
-        assert (pos.dim() == 0 if compile else isinstance(pos, int)) and int(pos) == 2 + 9 - 1  # last token not fed
-        assert d.cache.k[0].shape[-2] == ours.config.block_size and d.out.shape == (3, ours.config.block_size + 1)
+        assert pos.dim() == 0 if compile else isinstance(pos, int)
+        assert int(pos) == 2 + 9 - 1  # the last new token is never fed back
+        assert d.cache.k[0].shape[-2] == ours.config.block_size
+        assert d.out.shape == (3, ours.config.block_size + 1)
 
 
 def test_eager_cache_returns_the_filled_prefix_static_the_whole_cache(pair):
@@ -140,6 +143,16 @@ def test_weights_are_recast_every_call(pair):
         assert not torch.equal(before, after) and torch.equal(after, ours.generate(prompt, 20, temperature=0))
 
 
+def test_teacher_forced_logits_are_one_forwards(pair):
+    """What bench.py compares with Hugging Face: the engine's logits, fed given tokens, on both paths."""
+    ours, _ = pair
+    tokens = torch.randint(0, 300, (2, 30), generator=torch.Generator().manual_seed(6))
+    full, _ = ours(tokens)
+    for compile in (False, True):
+        forced = sample.teacher_forced_logits(ours, tokens, 8, compile=compile)
+        torch.testing.assert_close(forced, full[:, 7:-1], atol=1e-5, rtol=1e-5)
+
+
 def test_exponential_race_samples_the_distribution():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0]).repeat(40000, 1)
     g = torch.Generator().manual_seed(0)
@@ -149,7 +162,8 @@ def test_exponential_race_samples_the_distribution():
     # top_k=2: only the two largest logits are ever drawn, in their renormalized proportions
     picks = sample_next(logits, 1.0, 2, torch.empty_like(logits).exponential_(generator=g))
     assert set(picks.tolist()) == {0, 1}
-    assert abs((picks == 0).float().mean().item() - torch.softmax(torch.tensor([2.0, 1.0]), 0)[0].item()) < 0.01
+    expected = torch.softmax(torch.tensor([2.0, 1.0]), 0)[0].item()
+    assert abs((picks == 0).float().mean().item() - expected) < 0.01
 
 
 def test_train_gpt2_does_not_import_sample():
@@ -165,8 +179,9 @@ def test_train_gpt2_does_not_import_sample():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("run")
-    args = ["--preset=shakespeare", f"--data={SHAKESPEARE}", "--max_steps=2", "--n_layer=2", "--eval_interval=0",
-            "--block_size=32", "--batch_size=4", "--total_batch_size=128", "--compile=false", "--device=cpu",
+    args = ["--preset=shakespeare", f"--data={SHAKESPEARE}", "--max_steps=2", "--n_layer=2",
+            "--eval_interval=0", "--block_size=32", "--batch_size=4", "--total_batch_size=128",
+            "--compile=false", "--device=cpu",
             "--dtype=float32", f"--log_dir={log_dir}"]
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *args], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -175,8 +190,8 @@ def checkpoint(tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_cli_prints_the_engines_samples(checkpoint):
@@ -191,7 +206,8 @@ def test_cli_prints_the_engines_samples(checkpoint):
     ids = model.generate(torch.tensor([enc.encode("ROMEO:")]), 6, temperature=0)[0].tolist()
     assert samples == [enc.decode(ids) + "\n"] * 2 + [""]
     # <|endoftext|> is the document separator token, not text; a prompt from a file too
-    out = run_cli(f"--checkpoint={checkpoint}", "--prompt=<|endoftext|>", "--max_new_tokens=4", "--num_samples=1")
+    out = run_cli(f"--checkpoint={checkpoint}", "--prompt=<|endoftext|>", "--max_new_tokens=4",
+                  "--num_samples=1")
     assert out.returncode == 0 and out.stdout.startswith("<|endoftext|>"), out.stderr
 
 
