@@ -191,10 +191,18 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
         if temperature:
             d.noise.exponential_(generator=generator)
         d.out[:, P] = sample_next(last_logits(d.head, d.weights, idx, d.cache), temperature, top_k, d.noise)
-        for _ in range(n - 1):
-            if temperature:
-                d.noise.exponential_(generator=generator)  # the caller's generator, outside any graph
-            d.step(d.head, d.weights, d.out, d.cache, d.noise, temperature, top_k)
+        # one sequence, eager, bf16 on a CPU: each matmul is a matrix-vector product; oneDNN's bf16 matmul
+        # is slower at one row than ATen's own gemv (measured on a Xeon with AMX: ~1.2-2x per weight byte)
+        gemv = B == 1 and not compile and idx.device.type == "cpu" and d.cache.k[0].dtype != torch.float32
+        mkldnn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = mkldnn and not gemv
+        try:
+            for _ in range(n - 1):
+                if temperature:
+                    d.noise.exponential_(generator=generator)  # the caller's generator, outside any graph
+                d.step(d.head, d.weights, d.out, d.cache, d.noise, temperature, top_k)
+        finally:
+            torch.backends.mkldnn.enabled = mkldnn
         idx = d.out[:, :P + n].clone()
     if max_new_tokens > n:
         idx = model.generate(idx, max_new_tokens - n, temperature, top_k, generator)

@@ -47,6 +47,9 @@ def test_greedy_every_path_equals_hf(pair, dtype):
         ref = hf_greedy(hf, prompt, 30)
         for name, generate in paths(ours).items():
             assert torch.equal(generate(prompt, 30, temperature=0), ref), name
+        # one sequence: on a CPU in bf16 the eager steps run ATen's gemv instead of oneDNN's matmul
+        assert torch.equal(sample.generate(ours, prompt[1:], 30, temperature=0), ref[1:])
+        assert torch.backends.mkldnn.enabled  # and the switch is put back
         if dtype == "bfloat16":
             d = sample.decoder(ours, 2, "cpu", compile=False)
             assert d.weights["model.lm_head.weight"].dtype == d.cache.k[0].dtype == torch.bfloat16
