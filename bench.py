@@ -393,8 +393,18 @@ def run_ladder(rungs, args, B, device, hf_weights, flops_per_token, log):
 
 
 def bench_sampling(args, device, hf_weights, log):
+    """
+    tok/s of sample.py's engine (eager, and the compiled step if compile is on), GPT.generate (recompute
+    everything) and Hugging Face generate; greedy, the same weights, timed in alternation. And how true each
+    one is to Hugging Face: the first position where its greedy tokens part from HF's, and the largest
+    |logit difference| fed HF's tokens (teacher forcing); for the compiled step, graphs dynamo compiled
+    after its first call (recompiles) and whether inductor skipped CUDA graphs, and why.
+    """
+    import logging
     from transformers import GPT2LMHeadModel
+    import sample
     from export_hf import hf_config
+    from torch._dynamo.utils import counters
     device_type = torch.device(device).type
     config = dataclasses.replace(base_config(args), flash=True, vocab_multiple=64)
     ours = GPT(config)
@@ -412,39 +422,74 @@ def bench_sampling(args, device, hf_weights, log):
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.sample_dtype == "bfloat16")
     methods = {}
     if not args.no_compile:  # one compile of the decode step; on CUDA it is then replayed as a CUDA graph
-        methods["ours, static cache, compiled step"] = lambda: ours.generate(idx, n_new, temperature=0, compile=True)
+        methods["ours, KV cache, compiled step"] = lambda: sample.generate(ours, idx, n_new, temperature=0,
+                                                                           compile=True)
     methods.update({
-        "ours, static cache, eager": lambda: ours.generate(idx, n_new, temperature=0, compile=False),
-        "ours, no cache": lambda: ours.generate(idx, n_new, temperature=0, use_cache=False),
+        "ours, KV cache, eager (default)": lambda: sample.generate(ours, idx, n_new, temperature=0),
+        "ours, no cache (GPT.generate)": lambda: ours.generate(idx, n_new, temperature=0),
         "Hugging Face generate": lambda: hf.generate(idx, max_new_tokens=n_new, min_new_tokens=n_new,
                                                      do_sample=False),
     })
-    times, outputs, first = {k: [] for k in methods}, {}, {}
-    with torch.no_grad(), autocast:
-        for k, fn in methods.items():  # warm-up; the compiled step compiles (and is captured) here
-            t0 = time.perf_counter()
-            outputs[k] = fn()
-            synchronize(device_type)
-            first[k] = time.perf_counter() - t0
-            log(f"  sampling {k}: first call {first[k]:.1f}s")
-        for _ in range(args.sample_repeats):
-            for k, fn in methods.items():
-                synchronize(device_type)
+    skips = []  # inductor's reasons for not using CUDA graphs, from its log
+
+    class Skips(logging.Handler):
+        def emit(self, record):
+            skips.append(record.getMessage().splitlines()[0][:200])
+    skip_log = logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")
+    handler = Skips(logging.WARNING)
+    skip_log.addHandler(handler)
+    times, outputs, first, graphs = {k: [] for k in methods}, {}, {}, {}
+    try:
+        with torch.no_grad(), autocast:
+            for k, fn in methods.items():  # warm-up; the compiled step compiles (and is captured) here
                 t0 = time.perf_counter()
-                fn()
+                outputs[k] = fn()
                 synchronize(device_type)
-                times[k].append(time.perf_counter() - t0)
+                first[k] = time.perf_counter() - t0
+                graphs[k] = counters["stats"]["unique_graphs"]
+                log(f"  sampling {k}: first call {first[k]:.1f}s")
+            for _ in range(args.sample_repeats):
+                for k, fn in methods.items():
+                    synchronize(device_type)
+                    t0 = time.perf_counter()
+                    fn()
+                    synchronize(device_type)
+                    times[k].append(time.perf_counter() - t0)
+            # teacher forcing: every method fed HF's greedy tokens, its logits at the new positions
+            seq = outputs["Hugging Face generate"]
+            hf_logits = hf(seq).logits[:, prompt_len - 1:-1].float()
+            forced = {"ours, no cache (GPT.generate)": lambda: ours(seq)[0][:, prompt_len - 1:-1],
+                      "ours, KV cache, eager (default)":
+                          lambda: sample.teacher_forced_logits(ours, seq, prompt_len),
+                      "ours, KV cache, compiled step":
+                          lambda: sample.teacher_forced_logits(ours, seq, prompt_len, compile=True)}
+            logit_diff = {k: (f().float() - hf_logits).abs().max().item()
+                          for k, f in forced.items() if k in methods}
+            recompiles = {k: counters["stats"]["unique_graphs"] - graphs[k]
+                          for k in methods if "compiled" in k}
+    finally:
+        skip_log.removeHandler(handler)
     ref = outputs["Hugging Face generate"][:, prompt_len:]
     out = {"batch": args.sample_batch, "prompt_tokens": prompt_len, "new_tokens": n_new,
-           "dtype": args.sample_dtype, "methods": {}}
+           "dtype": args.sample_dtype, "methods": {},
+           "cudagraphs": ("n/a" if device_type != "cuda" or args.no_compile else
+                          f"skipped: {'; '.join(dict.fromkeys(skips))}" if skips else "used")}
     for k in methods:
         tok_s = args.sample_batch * n_new / median(times[k])
-        # greedy decoding of the same weights: the tokens should be the same (random weights give
-        # near-ties, so a rare fp32 rounding difference can flip one; the fraction says how many agree)
-        agree = (outputs[k][:, prompt_len:] == ref).float().mean().item()
-        out["methods"][k] = {"tok_s": tok_s, "same_tokens_as_hf": agree, "first_call_s": first[k],
+        # greedy decoding of the same weights: random weights give near-ties, so a rounding difference
+        # (bf16 above all) can flip one token, after which the rest differ: where the first flip is says more
+        differs = (outputs[k][:, prompt_len:] != ref).any(dim=0).nonzero()
+        same = (outputs[k][:, prompt_len:] == ref).float().mean().item()
+        out["methods"][k] = {"tok_s": tok_s, "same_tokens_as_hf": same,
+                             "first_divergence": int(differs[0]) if len(differs) else None,
+                             "max_logit_diff": logit_diff.get(k, 0.0), "first_call_s": first[k],
                              "vs_hf": median(times["Hugging Face generate"]) / median(times[k])}
-        log(f"  sampling {k}: {tok_s:.0f} tok/s")
+        if k in recompiles:
+            out["methods"][k]["recompiles"] = recompiles[k]
+        m = out["methods"][k]
+        log(f"  sampling {k}: {tok_s:.0f} tok/s, first greedy divergence from HF at {m['first_divergence']}, "
+            f"max |logit diff| {m['max_logit_diff']:.2e}")
+    log(f"  sampling: compiled step recompiles {recompiles or 'n/a'}, CUDA graphs {out['cudagraphs']}")
     return out
 
 

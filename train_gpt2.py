@@ -180,26 +180,6 @@ class GPTConfig:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated at block_size and masked past the filled positions:
-    a decode step has the same shapes at every position, so it compiles once and fits in a CUDA graph."""
-
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        # a tensor per layer and k/v, written in place (compiled, a slice of one big tensor is copied whole);
-        # zeros, not empty: masked slots still meet the values in softmax @ v, and 0 * NaN is NaN
-        self.k, self.v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)] for _ in "kv")
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # positions filled, kept on the device
-
-    def update(self, layer, k, v):
-        """Writes k, v (B, nh, T, hs) at positions pos..; returns all keys, values and the (T, block_size) mask."""
-        q_pos = self.pos + torch.arange(k.size(2), device=k.device)
-        self.k[layer].index_copy_(2, q_pos, k)
-        self.v[layer].index_copy_(2, q_pos, v)
-        mask = torch.arange(self.k[layer].size(2), device=k.device) <= q_pos[:, None]  # key j visible to query i
-        return self.k[layer], self.v[layer], mask
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
@@ -220,17 +200,19 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        mask = None  # None: causal over this chunk alone
-        if cache is not None:  # attend to the whole preallocated cache, masked to the filled positions
+        mask = None  # no cache: causal over this chunk alone
+        if cache is not None:  # sampling (sample.py): the keys so far, and which each query sees (None: all)
             k, v, mask = cache.update(self.layer_idx, k, v)
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
                                                dropout_p=self.dropout if self.training else 0.0)
         else:  # the textbook version, kept for the speed ladder in bench.py
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-            if mask is None:
+            if cache is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = F.dropout(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1), self.dropout, self.training) @ v
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            y = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -310,7 +292,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        # with a cache, positions start at cache.pos, a device tensor: no host sync, one graph for all positions
+        # with a cache (sample.py), positions start at cache.pos: an int, or a device tensor when compiled
         pos = torch.arange(T, device=idx.device) + (cache.pos if cache is not None else 0)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
@@ -402,75 +384,29 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * L * H * Q * T
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True, compile=False):
-        """Appends max_new_tokens to idx (B, T). temperature 0 is greedy; otherwise top-k sampling. Cached: the
-        prompt in one forward, then a fixed-shape decode step per token, no host sync; compile=True compiles it
-        (on CUDA: one CUDA graph launch a token), worth it for long runs. Past block_size, or use_cache=False,
-        each token recomputes the cropped window."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        """Appends max_new_tokens to idx (B, T), recomputing the last block_size tokens for each one: plain,
+        for the samples printed in training (sample.py has the fast KV-cache engine, with the same draws).
+        temperature 0 is greedy; otherwise a top-k sample (top_k 0: all)."""
         was_training = self.training
         self.eval()
-        (B, P), V = idx.shape, self.config.vocab_size
-        n = min(max_new_tokens, self.config.block_size + 1 - P) if use_cache else 0  # tokens the cache holds
-        if n > 0:
-            out, cache, noise, weights, step = self._decoder(B, idx.device, compile)
-            for name, w in weights.items():  # this call's weights, cast once here rather than every token
-                w.copy_(self.get_parameter(name))
-            cache.pos.zero_()
-            out[:, :P] = idx
-            if temperature:
-                noise.exponential_(generator=generator)
-            x = self.hidden_states(idx, cache)[:, -1]  # the head only at the last position
-            out[:, P] = sample_next(self.lm_head(x)[:, :V], temperature, top_k, noise)
-            for _ in range(n - 1):
-                if temperature:
-                    noise.exponential_(generator=generator)  # the caller's generator, outside the graph
-                step(out, cache, noise, weights, temperature, top_k)
-            idx = out[:, :P + n].clone()
-        for _ in range(max_new_tokens - max(n, 0)):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            noise = torch.empty(B, V, device=idx.device).exponential_(generator=generator) if temperature else None
-            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, noise)[:, None]), dim=1)
+        for _ in range(max_new_tokens):
+            x = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]  # the head at the last position only
+            logits = self.lm_head(x)[:, :self.config.vocab_size].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                # argmax(probs / noise), noise ~ Exp(1), draws i with probability probs[i] (the exponential race)
+                noise = torch.empty_like(logits).exponential_(generator=generator).clamp_(min=1e-30)
+                nxt = (F.softmax(logits, dim=-1) / noise).argmax(dim=-1)
+            idx = torch.cat((idx, nxt[:, None]), dim=1)
         self.train(was_training)
         return idx
 
-    def _decode_step(self, out, cache, noise, weights, temperature, top_k):
-        """Feeds the token at position cache.pos of out (B, block_size + 1) and writes the next one after it."""
-        at = cache.pos.repeat(out.size(0), 1)  # (B, 1), a copy: cache.pos moves on in the forward
-        logits, _ = torch.func.functional_call(self, weights, (out.gather(1, at),), {"cache": cache}, tie_weights=False)
-        out.scatter_(1, at + 1, sample_next(logits[:, -1], temperature, top_k, noise)[:, None])
-
-    def _decoder(self, batch_size, device, compile):
-        """(tokens, KV cache, noise, weights, step), kept between calls: fixed addresses, one CUDA graph capture.
-        weights: matmul weights in autocast's dtype, cast once per call; compiled, autocast recasts every token."""
-        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)  # k, v's dtype
-                 else self.transformer.wte.weight.dtype)
-        key = (batch_size, str(device), dtype, compile)
-        if getattr(self, "_decode_state", (None,))[0] != key:
-            out = torch.zeros(batch_size, self.config.block_size + 1, dtype=torch.long, device=device)
-            cache = KVCache(self.config, batch_size, device, dtype)
-            noise = torch.ones(batch_size, self.config.vocab_size, device=device)
-            weights = {f"{name}.weight": torch.empty_like(m.weight, dtype=dtype) for name, m in self.named_modules()
-                       if isinstance(m, nn.Linear) and compile and m.weight.dtype != dtype}
-            step = self._decode_step
-            if compile:
-                for t in (out, *cache.k, *cache.v, cache.pos, noise, *weights.values()):  # used in place, not copied
-                    torch._dynamo.mark_static_address(t)
-                step = torch.compile(step, fullgraph=True, dynamic=False,
-                                     mode="reduce-overhead" if device.type == "cuda" else None)
-            self._decode_state = (key, (out, cache, noise, weights, step))
-        return self._decode_state[1]
-
-
-def sample_next(logits, temperature, top_k, noise):
-    """Next ids (B,) from logits (B, V): argmax at temperature 0, else a top-k sample as argmax(probs / noise),
-    noise ~ Exp(1) drawn outside (the exponential race: i wins with probability probs[i]); no RNG in a graph."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # the same index in any dtype: no fp32 copy
-    logits = logits.float() / temperature
-    if top_k:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    return (F.softmax(logits, dim=-1) / noise.clamp(min=1e-30)).argmax(dim=-1)
 
 # ----------------------------------------------------------------------------------------------
 # Data: one token stream over tiny shakespeare or FineWeb-Edu shards, sliced across ranks
@@ -729,11 +665,12 @@ def evaluate_loss(model, val_sources, B, T, val_tokens, dist_info, autocast):
     return (total[0] / total[1]).item()
 
 
-def sample_texts(model, prompt, num_samples, max_new_tokens, device, seed=42, use_cache=True):
+def sample_texts(model, prompt, num_samples, max_new_tokens, device, seed=42):
+    """num_samples continuations of prompt by GPT.generate, top-k 50, seeded: the samples training prints."""
     enc = get_tokenizer()
     idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, top_k=50, generator=gen, use_cache=use_cache)
+    out = model.generate(idx, max_new_tokens, top_k=50, generator=gen)
     return [enc.decode(row.tolist()) for row in out]
 
 

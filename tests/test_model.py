@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from train_gpt2 import GPT, GPTConfig, KVCache
+import sample
+from train_gpt2 import GPT, GPTConfig
 
 
 def make_hf_dir(tmp_path, **config):
@@ -41,15 +42,16 @@ def test_kv_cache_matches_full_recompute():
     model = GPT(GPTConfig(block_size=32, vocab_size=500, n_layer=2, n_head=2, n_embd=32))
     prompt = torch.randint(0, 500, (3, 5))
     # 40 new tokens run past block_size=32: the cached path must then crop like the plain one
-    a = model.generate(prompt, 40, generator=torch.Generator().manual_seed(7), use_cache=True)
-    b = model.generate(prompt, 40, generator=torch.Generator().manual_seed(7), use_cache=False)
+    a = sample.generate(model, prompt, 40, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 40, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     # a chunk fed after cached tokens (mask with an offset) gives the same logits as one pass
     full, _ = model(prompt)
-    cache = KVCache(model.config, 3, "cpu", torch.float32)
-    model(prompt[:, :2], cache=cache)
-    tail, _ = model(prompt[:, 2:], cache=cache)
-    torch.testing.assert_close(tail, full[:, 2:], atol=1e-5, rtol=1e-5)
+    for static in (False, True):
+        cache = sample.KVCache(model.config, 3, "cpu", torch.float32, static=static)
+        model(prompt[:, :2], cache=cache)
+        tail, _ = model(prompt[:, 2:], cache=cache)
+        torch.testing.assert_close(tail, full[:, 2:], atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_never_picks_padded_ids():
@@ -58,9 +60,10 @@ def test_sampling_never_picks_padded_ids():
     assert model.config.padded_vocab_size == 128
     with torch.no_grad():  # make the padded rows the most likely by far if they were reachable
         model.transformer.wte.weight[100:] = 10.0
-    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 10, top_k=0,
-                         generator=torch.Generator().manual_seed(0))
-    assert out.max() < 100
+    for generate in (model.generate, lambda *a, **kw: sample.generate(model, *a, **kw)):
+        out = generate(torch.zeros(4, 1, dtype=torch.long), 10, top_k=0,
+                       generator=torch.Generator().manual_seed(0))
+        assert out.max() < 100
 
 
 def test_weight_tying_and_initial_loss():
