@@ -391,7 +391,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
-            x = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]  # the head at the last position only
+            x = self.hidden_states(idx[:, -self.config.block_size:])[:, -1]  # the head at the last position
             logits = self.lm_head(x)[:, :self.config.vocab_size].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1)
@@ -400,7 +400,7 @@ class GPT(nn.Module):
                 if top_k:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                # argmax(probs / noise), noise ~ Exp(1), draws i with probability probs[i] (the exponential race)
+                # argmax(probs / noise), noise ~ Exp(1), draws i with probability probs[i] (exponential race)
                 noise = torch.empty_like(logits).exponential_(generator=generator).clamp_(min=1e-30)
                 nxt = (F.softmax(logits, dim=-1) / noise).argmax(dim=-1)
             idx = torch.cat((idx, nxt[:, None]), dim=1)
