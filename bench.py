@@ -778,11 +778,20 @@ def print_report(report):
         print(f"\nsampling, greedy, {s['dtype']}, batch {s['batch']}, {s['prompt_tokens']}-token prompt "
               f"+ {s['new_tokens']} new tokens:")
         for k, m in s["methods"].items():
-            print(f"  {k:34s} {m['tok_s']:9.0f} tok/s {m['vs_hf']:6.2f}x HF   same tokens as HF: "
-                  f"{m['same_tokens_as_hf'] * 100:.0f}%   first call {m['first_call_s']:.1f}s")
+            print(f"  {k:34s} {m['tok_s']:9.0f} tok/s {m['vs_hf']:6.2f}x HF   {decode_truth(m)}   "
+                  f"first call {m['first_call_s']:.1f}s")
+        print(f"  CUDA graphs: {s.get('cudagraphs', 'n/a')}")
     print("\nspread: (slowest - fastest) / median over the rounds. peak mem: weights + optimizer state "
           "+ the step's own peak (" + ("cuda max_memory_allocated" if report["device_type"] == "cuda"
                                        else "resident memory sampled every ms") + ").")
+
+def decode_truth(m):
+    """How far a decode method is from HF's greedy tokens: the first divergence, the teacher-forced logit gap."""
+    first = "identical to HF" if m.get("first_divergence") is None else \
+        f"first differs from HF at token {m['first_divergence']}"
+    out = f"{first}, max |logit diff| {m.get('max_logit_diff', 0.0):.1e}"
+    return out + (f", {m['recompiles']} recompiles" if "recompiles" in m else "")
+
 
 def check_name(r):
     """A --check row's name: what the rung is, and whether it ran compiled (--no_compile: none does)."""
@@ -818,8 +827,9 @@ def print_check(report):
     s = report.get("sampling")
     for k, m in (s["methods"].items() if s else []):
         rows.append((f"decode {s['dtype']}, batch {s['batch']}, greedy: {k}", f"{m['tok_s']:.0f} tok/s",
-                     f"{m['vs_hf']:.2f}x HF generate",
-                     f"same tokens as HF {m['same_tokens_as_hf'] * 100:.0f}%"))
+                     f"{m['vs_hf']:.2f}x HF generate", decode_truth(m)))
+    if s:
+        rows.append(("decode: CUDA graphs", str(s.get("cudagraphs", "n/a")), "", ""))
     if s and s.get("compiled_left_out"):
         rows.append(("decode: ours compiled", f"left out: at most {MAX_COMPILES} compiles", "", ""))
     h = report.get("hellaswag")
