@@ -144,6 +144,14 @@ def test_resume_after_stop_is_byte_identical(jsonl, tmp_path, stop_after):
     assert folder_bytes(tmp_path / "resumed") == folder_bytes(tmp_path / "clean")
 
 
+def shards_listed(manifest_path):
+    """How many finished shards a manifest lists (0 before it exists: it is written whole, by rename)."""
+    try:
+        return len(json.loads(manifest_path.read_text())["shards"])
+    except FileNotFoundError:
+        return 0
+
+
 def test_kill9_then_rerun_is_byte_identical(tmp_path):
     """kill -9 of a real run (main process and its workers) after its first shard, then a rerun."""
     files = [write_jsonl(tmp_path / "big.jsonl", random_docs(400, seed=1, words_per_doc=(1000, 4000)))]
@@ -154,7 +162,7 @@ def test_kill9_then_rerun_is_byte_identical(tmp_path):
     manifest_path = tmp_path / "killed" / "manifest.json"
     try:
         deadline = time.time() + 60
-        while not manifest_path.exists() and proc.poll() is None and time.time() < deadline:
+        while shards_listed(manifest_path) == 0 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
     finally:
         try:
