@@ -421,8 +421,15 @@ def shard_name(prefix, index):
 
 def save_shard(path, tokens):
     """tokens as an .npy file at path (temp + rename); returns the file's sha256."""
-    write_file(path, lambda f: np.save(f, tokens))  # a file object: np.save would append .npy to a name
+    # through a plain .write(): np.save's fast path for a real file (fwrite) reports a full disk as "N
+    # requested and M written", with no errno to tell it from any other failure
+    write_file(path, lambda f: np.save(_Writer(f), tokens))
     return file_sha256(path)
+
+
+class _Writer:
+    def __init__(self, f):
+        self.write = f.write
 
 
 def write_file(path, write):

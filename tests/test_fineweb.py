@@ -1,7 +1,9 @@
 """fineweb.py: the shards hold exactly <|endoftext|> + tokens of every document, and resume is byte-exact."""
+import errno
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -303,3 +305,300 @@ def test_dataset_path_matches_files_and_resumes(tmp_path, monkeypatch):
     ds, from_files = folder_bytes(tmp_path / "ds"), folder_bytes(tmp_path / "files")
     del ds["manifest.json"], from_files["manifest.json"]  # their params differ: dataset vs files
     assert ds == from_files
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: the same shards and manifest as the downloaded dataset, and resume reads only what it needs
+
+
+def dataset_folder(tmp_path):
+    """A local stand-in for a Hugging Face parquet dataset: FineWeb's two sample files in a folder."""
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for f in FINEWEB:
+        shutil.copy(f, folder)
+    return folder
+
+
+def test_streaming_matches_download_and_resumes(tmp_path, monkeypatch):
+    """Streaming (file by file, from parquet footers) writes the bytes load_dataset's download does,
+    manifest included; stopped, or cut off mid-stream like a lost connection, it resumes to the same bytes,
+    and a resume in the second file reads no row of the first."""
+    import pyarrow.parquet as pq
+    folder = dataset_folder(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    params = {"source": {"dataset": str(folder)}}
+
+    def docs_from(streaming):
+        return lambda start: fineweb.iter_dataset(str(folder), "", "train", start, str(tmp_path / "hf_cache"),
+                                                  streaming=streaming)
+
+    fineweb.write_shards(docs_from(False), str(tmp_path / "download"), params, SHARD, progress=False)
+    fineweb.write_shards(docs_from(True), str(tmp_path / "stream"), params, SHARD, progress=False)
+    clean = folder_bytes(tmp_path / "download")
+    assert folder_bytes(tmp_path / "stream") == clean and len(clean) >= 5  # shards + manifest
+    rows_first = pq.ParquetFile(FINEWEB[0]).metadata.num_rows
+
+    # stopped after 3 shards (past the first file), then resumed: row groups read on the way
+    fineweb.write_shards(docs_from(True), str(tmp_path / "resumed"), params, SHARD, stop_after=3, progress=False)
+    manifest, _ = read_shards(tmp_path / "resumed")
+    assert manifest["shards"][-1]["end"][0] > rows_first  # the resume starts in the second file
+    reads = []
+    real_read = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, i, **kw: reads.append(self.metadata.num_rows) or real_read(self, i, **kw))
+    fineweb.write_shards(docs_from(True), str(tmp_path / "resumed"), params, SHARD, progress=False)
+    assert folder_bytes(tmp_path / "resumed") == clean
+    assert len(reads) == 1  # the second file's one row group; the first file was skipped from its footer
+
+    # the connection lost while reading the second file: one DataError, finished shards kept, then a rerun
+    calls = []
+
+    def flaky(self, i, **kw):
+        calls.append(i)
+        if len(calls) == 2:
+            raise ConnectionError("Connection reset by peer")
+        return real_read(self, i, **kw)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", flaky)
+    with pytest.raises(fineweb.DataError, match=r"--dataset .*: could not read it \(ConnectionError: Connection "
+                       r"reset by peer\); .* rerun the same command"):
+        fineweb.write_shards(docs_from(True), str(tmp_path / "cut"), params, SHARD, chunk_docs=5, progress=False)
+    manifest, _ = read_shards(tmp_path / "cut")
+    assert 1 <= len(manifest["shards"]) < len(clean) - 1 and not manifest["complete"]
+    assert not glob.glob(str(tmp_path / "cut" / "*.tmp"))
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", real_read)
+    fineweb.write_shards(docs_from(True), str(tmp_path / "cut"), params, SHARD, progress=False)
+    assert folder_bytes(tmp_path / "cut") == clean
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_dataset_flags_stream_or_download_to_the_same_folder(tmp_path, monkeypatch, capsys, download):
+    """main(): --download changes where rows come from, not the output: the same params, so a streamed run
+    and a downloaded one write the same manifest, and one can finish the other."""
+    folder = dataset_folder(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    real = fineweb.iter_dataset
+    seen = []
+
+    def local(name, config, split, start=0, cache_dir=None, streaming=True):
+        seen.append(streaming)
+        return real(name, config, split, start, str(tmp_path / "hf_cache"), streaming)
+    monkeypatch.setattr(fineweb, "iter_dataset", local)
+    flags = [f"--dataset={folder}", "--config=", "--out", str(tmp_path / "out"), f"--shard_size={SHARD}",
+             "--no_progress", "--workers=1"]
+    assert fineweb.main(flags + ["--stop_after=2"] + (["--download"] if download else [])) == 0
+    assert fineweb.main(flags + ([] if download else ["--download"])) == 0  # finished the other way
+    assert seen == [not download, download]
+    fineweb.write_shards(lambda start: real(str(folder), "", "train", start, str(tmp_path / "hf_cache")),
+                         str(tmp_path / "clean"), json.loads((tmp_path / "out" / "manifest.json").read_text())[
+                             "params"], SHARD, progress=False)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "clean")
+
+# ----------------------------------------------------------------------------------------------
+# What a run says when it cannot give train_gpt2.py what it needs
+
+
+def test_one_val_shard_warning_gives_the_command_that_works(tmp_path, capsys, monkeypatch):
+    """A small input under the default --shard_size: one val shard. The warning is one line with a command
+    that, run as given, makes a folder train_gpt2.py accepts."""
+    path = write_jsonl(tmp_path / "small docs.jsonl", random_docs(20, seed=3, words_per_doc=(50, 300)))
+    monkeypatch.chdir(ROOT)
+    assert fineweb.main(["--files", path, "--out", str(tmp_path / "out"), "--no_progress", "--workers=1"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("warning: ") and "only a val shard" in err, err
+    command = err.split("new folder: ", 1)[1].rsplit(" (then train with ", 1)[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "fineweb.py"]
+    # the folder it names is refused for the new --shard_size: why the command uses a new one
+    new_size = next(a for a in argv if a.startswith("--shard_size="))
+    assert fineweb.main(["--files", path, "--out", str(tmp_path / "out"), new_size, "--no_progress"]) == 2
+    capsys.readouterr()
+    assert fineweb.main(argv[2:] + ["--no_progress", "--workers=1"]) == 0
+    assert capsys.readouterr().err == ""
+    new_out = next(a for a in argv if a.startswith("--out="))[len("--out="):]
+    train, val = find_shards(new_out)
+    assert len(val) == 1 and len(train) == 9
+
+
+@pytest.mark.parametrize("kind", ["parquet", "blank lines", "empty file"])
+def test_no_documents_is_one_line_and_writes_nothing(tmp_path, capsys, kind):
+    """An empty input wrote no shard and said "only a val shard": now it says there were no documents,
+    exits 2, and leaves no folder or manifest behind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if kind == "parquet":
+        path = str(tmp_path / "empty.parquet")
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    else:
+        path = str(tmp_path / "empty.jsonl")
+        (tmp_path / "empty.jsonl").write_text("\n\n" if kind == "blank lines" else "")
+    assert run([path], tmp_path / "out", "--workers=1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the input holds no documents") and err.count("\n") == 1, err
+    assert "val shard" not in err and not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    assert run([path], tmp_path / "mine", "--workers=1") == 2
+    assert sorted(os.listdir(tmp_path / "mine")) == [".fineweb.lock", "notes.txt"]  # no manifest left
+
+# ----------------------------------------------------------------------------------------------
+# A full disk, a second run, a planted symlink, a killed parent: one line, and only whole shards left
+
+
+def fail_fsync_on(monkeypatch, suffix, nth):
+    """os.fsync raises ENOSPC on the nth file fineweb fsyncs whose name ends with suffix, as a full disk
+    does (ext4 reports it at write, flush or fsync; fsync is the last of them, so the shard is all there)."""
+    real, seen = os.fsync, []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(suffix):
+            seen.append(fd)
+            if len(seen) == nth:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+    monkeypatch.setattr(fineweb.os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+@pytest.mark.parametrize("suffix", [".npy.tmp", "manifest.json.tmp"])
+def test_disk_full_is_one_line_and_keeps_whole_shards(jsonl, tmp_path, capsys, monkeypatch, suffix):
+    files, _ = jsonl
+    assert run(files, tmp_path / "clean", "--workers=1") == 0
+    clean = folder_bytes(tmp_path / "clean")
+    # the 3rd shard fails, or the manifest that would list it (the 4th manifest: the first lists no shard)
+    fail_fsync_on(monkeypatch, suffix, 3 if suffix == ".npy.tmp" else 4)
+    capsys.readouterr()
+    assert run(files, tmp_path / "full", "--workers=1", "--chunk_docs=5") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: disk full writing ") and err.count("\n") == 1, err
+    assert "GB free there now" in err and "rerun the same command" in err and "Traceback" not in err
+    manifest, arrays = read_shards(tmp_path / "full")
+    assert len(manifest["shards"]) == 2 and not manifest["complete"]
+    assert sorted(os.listdir(tmp_path / "full")) == sorted([".fineweb.lock", "manifest.json"] +
+                                                           [s["file"] for s in manifest["shards"]])
+    for s in manifest["shards"]:  # the two finished shards are the clean run's, byte for byte
+        assert (tmp_path / "full" / s["file"]).read_bytes() == clean[s["file"]]
+    monkeypatch.undo()
+    assert run(files, tmp_path / "full", "--workers=1") == 0
+    assert folder_bytes(tmp_path / "full") == clean
+
+
+def test_file_size_limit_is_one_line_and_leaves_nothing(tmp_path):
+    """A real failing write, no monkeypatch: ulimit -f below one shard's size (40 kB here)."""
+    import resource
+    path = write_jsonl(tmp_path / "docs.jsonl", random_docs(40, seed=4))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--files", path, "--out",
+                           str(tmp_path / "out"), f"--shard_size={SHARD}", "--workers=1", "--no_progress"],
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: file size limit (ulimit -f) reached writing ")
+    assert not (tmp_path / "out").exists()  # it made the folder, wrote no shard: nothing is left
+
+
+def test_second_run_on_the_same_out_is_refused(jsonl, tmp_path, capsys):
+    files, _ = jsonl
+    out = tmp_path / "out"
+    fd, created = fineweb.lock_out(str(out))  # as a run in another process holds it
+    try:
+        assert created
+        assert run(files, out, "--workers=1") == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --out {out}: another fineweb.py (pid {os.getpid()}) is writing there; wait for " \
+                      f"it to finish, or choose another --out\n"
+        assert os.listdir(out) == [".fineweb.lock"]
+    finally:
+        os.close(fd)  # what the OS does for a process that ends, kill -9 included
+    assert run(files, out, "--workers=1") == 0
+
+
+def test_two_real_runs_at_once_one_refused(tmp_path):
+    """Two processes on one --out: the second is one line, exit 2; the first finishes the exact stream."""
+    docs = random_docs(600, seed=5, words_per_doc=(1000, 4000))  # ~1.6M tokens: seconds of work
+    path = write_jsonl(tmp_path / "big.jsonl", docs)
+    cmd = [sys.executable, os.path.join(ROOT, "fineweb.py"), "--files", path, "--out", str(tmp_path / "out"),
+           f"--shard_size={SHARD}", "--workers=1", "--no_progress"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "out" / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    overlapped = first.poll() is None
+    assert first.wait(timeout=300) == 0 and first.stderr.read() == ""
+    assert overlapped, "the first run ended before the second was refused: give it more data"
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr[-3000:]
+    assert "another fineweb.py (pid " in second.stderr
+    check_stream(tmp_path / "out", docs)
+
+
+def test_a_planted_symlink_is_never_followed(jsonl, tmp_path, capsys):
+    files, _ = jsonl
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(victim, out / "edufineweb_val_000000.npy.tmp")
+    assert run(files, out, "--workers=1") == 2
+    err = capsys.readouterr().err
+    assert "edufineweb_val_000000.npy.tmp is a symbolic link" in err and err.count("\n") == 1
+    assert victim.read_text() == "someone's file" and os.path.islink(out / "edufineweb_val_000000.npy.tmp")
+    os.remove(out / "edufineweb_val_000000.npy.tmp")
+    os.symlink(victim, out / "manifest.json.tmp")
+    assert run(files, out, "--workers=1") == 2
+    assert victim.read_text() == "someone's file"
+    os.remove(out / "manifest.json.tmp")
+    os.remove(out / ".fineweb.lock")
+    os.symlink(victim, out / ".fineweb.lock")
+    assert run(files, out, "--workers=1") == 2
+    assert "cannot write there" in capsys.readouterr().err and victim.read_text() == "someone's file"
+
+
+def children(pid):
+    """Process ids whose parent is pid (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_workers_exit_quietly_when_the_parent_is_killed(tmp_path):
+    """kill -9 of the main process only: its two workers exit within seconds and print nothing (they
+    printed BrokenPipeError tracebacks, sending results to a parent that was gone)."""
+    files = [write_jsonl(tmp_path / "big.jsonl", random_docs(400, seed=1, words_per_doc=(1000, 4000)))]
+    log = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "fineweb.py"), "--files", *files, "--out",
+                             str(tmp_path / "out"), f"--shard_size={SHARD}", "--workers=2", "--chunk_docs=16",
+                             "--no_progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 60
+    while shards_listed(tmp_path / "out" / "manifest.json") < 1 and time.time() < deadline:
+        time.sleep(0.005)
+    workers = [k for k in children(proc.pid) if alive(k)]
+    try:
+        assert proc.poll() is None and len(workers) >= 2, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(w) for w in workers)
+    finally:
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+        log.close()
+    assert (tmp_path / "stderr.txt").read_text() == ""
