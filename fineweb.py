@@ -498,8 +498,18 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def save_manifest(out, manifest):
-    text = json.dumps(manifest, indent=1) + "\n"
+def save_manifest(out, manifest, lines=None):
+    """
+    manifest.json, one line per shard. json.dumps(indent=...) runs in pure Python, and the manifest is
+    rewritten after every shard: 336 shards took 18 s. lines: the shards' encoded lines from the last
+    call, reused (a finished shard never changes).
+    """
+    shards, lines = manifest["shards"], [] if lines is None else lines
+    del lines[len(shards):]
+    lines += [json.dumps(s) for s in shards[len(lines):]]
+    fields = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items() if k != "shards"]
+    fields.append(' "shards": [' + ("\n  " + ",\n  ".join(lines) + "\n ]" if lines else "]"))
+    text = "{\n" + ",\n".join(fields) + "\n}\n"
     write_file(os.path.join(out, "manifest.json"), lambda f: f.write(text.encode()))
 
 
@@ -657,7 +667,7 @@ def _continue(docs_from, out, manifest, shard_size, workers, max_tokens, stop_af
         raise DataError(f"--shard_size={shard_size}: no memory for one shard "
                         f"({2 * shard_size / 1e9:.1f} GB); lower it") from None
     fill, start = 0, [doc, offset]
-    bar = None
+    bar, lines = None, []  # lines: the manifest's encoded shards, kept from one write to the next
 
     def finish(end):
         nonlocal fill, start, bar
@@ -668,7 +678,7 @@ def _continue(docs_from, out, manifest, shard_size, workers, max_tokens, stop_af
         shards.append({"file": name, "tokens": int(fill), "docs": int(np.count_nonzero(tokens == EOT)),
                        "start": start, "end": end, "bytes": os.path.getsize(path), "sha256": sha})
         try:
-            save_manifest(out, manifest)  # after the rename: a listed shard is always a whole one
+            save_manifest(out, manifest, lines)  # after the rename: a listed shard is always a whole one
         except DataError:
             shards.pop()
             _remove(path)  # whole, but listed nowhere: gone, so nothing reads it as finished
@@ -709,7 +719,7 @@ def _continue(docs_from, out, manifest, shard_size, workers, max_tokens, stop_af
     if not shards:  # every document adds at least its <|endoftext|>: no token means no document
         raise DataError(f"the input holds no documents (0 rows or lines); nothing was written to {out}")
     manifest["complete"] = True
-    save_manifest(out, manifest)
+    save_manifest(out, manifest, lines)
     print(f"{out}: {len(shards)} shards, {total:,} tokens, {sum(s['docs'] for s in shards):,} documents")
     return manifest
 
