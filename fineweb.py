@@ -580,10 +580,13 @@ LOCK = ".fineweb.lock"  # in --out: held (flock) while a run writes there
 
 def lock_out(out):
     """
-    Creates out if need be and locks it for this process: (lock file descriptor, whether out was created).
-    flock: the OS releases it when the process ends, even by kill -9, so a lock never goes stale.
+    Creates out if need be and locks it for this process: (lock file descriptor, the outermost folder this
+    made, or None). flock: the OS releases it when the process ends, even by kill -9: it never goes stale.
     """
-    created = not os.path.isdir(out)
+    created = None
+    parent = os.path.abspath(out)
+    while not os.path.lexists(parent):
+        created, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(out, exist_ok=True)
         # the lock file doubles as the probe that out is writable (os.access is wrong for root, read-only
@@ -621,9 +624,12 @@ def write_shards(docs_from, out, params, shard_size=SHARD_SIZE, workers=1, max_t
         return _write_shards(docs_from, out, params, shard_size, workers, max_tokens, stop_after, chunk_docs,
                              progress, prefix)
     finally:
-        if created and os.listdir(out) == [LOCK]:  # a folder this run made and wrote nothing into
+        if created and os.listdir(out) == [LOCK]:  # folders this run made and wrote nothing into
             os.remove(os.path.join(out, LOCK))
-            os.rmdir(out)
+            folder = os.path.abspath(out)
+            while len(folder) >= len(created) and not os.listdir(folder):
+                os.rmdir(folder)
+                folder = os.path.dirname(folder)
         os.close(fd)
 
 

@@ -446,6 +446,8 @@ def test_no_documents_is_one_line_and_writes_nothing(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert err.startswith("error: the input holds no documents") and err.count("\n") == 1, err
     assert "val shard" not in err and not (tmp_path / "out").exists()
+    assert run([path], tmp_path / "new" / "nested", "--workers=1") == 2  # the folders it made: gone too
+    assert not (tmp_path / "new").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("a user's file")
     assert run([path], tmp_path / "mine", "--workers=1") == 2
@@ -513,7 +515,7 @@ def test_second_run_on_the_same_out_is_refused(jsonl, tmp_path, capsys):
     out = tmp_path / "out"
     fd, created = fineweb.lock_out(str(out))  # as a run in another process holds it
     try:
-        assert created
+        assert created == str(out)
         assert run(files, out, "--workers=1") == 2
         err = capsys.readouterr().err
         assert err == (f"error: --out {out}: another fineweb.py (pid {os.getpid()}) is writing there; "
