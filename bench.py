@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from perf import measure_peak_flops, reuse_freed_memory
+from device import measure_peak_flops, reuse_freed_memory
 from train_gpt2 import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +636,7 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
     (c) batch-1 greedy decoding: compiled (a CUDA graph), eager, Hugging Face generate;
     (d) Hugging Face bf16 autocast; (e) HellaSwag scoring; (f) Hugging Face fp32, last.
     """
-    from perf import auto_batch_size, predicted_peak_bytes
+    from device import auto_batch_size, predicted_peak_bytes
     from train_gpt2 import DistInfo, TrainConfig
     known = known_rungs(args)
     plain, ours = known["fused-adamw"], known["chunked-ce"]

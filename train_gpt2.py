@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import flags
 import run_dir
 from chunked_loss import chunked_cross_entropy, token_losses  # the head and its loss, no full logits
-from perf import auto_batch_size, measure_peak_flops, reuse_freed_memory
+from device import auto_batch_size, measure_peak_flops, reuse_freed_memory
 from run_dir import ConfigError
 from muon import Muon, Optimizers  # --optimizer=muon
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download

@@ -3,9 +3,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import perf
 import train_gpt2
-from perf import auto_batch_size, measure_peak_flops
+from device import auto_batch_size, measure_peak_flops
 from train_gpt2 import ConfigError, DistInfo, TrainConfig, setup_distributed
 
 GB = 10 ** 9
@@ -72,7 +71,7 @@ class CountMatmuls(TorchDispatchMode):
 def test_peak_probe_times_a_fixed_number_of_matmuls(monkeypatch, iters):
     """One untimed matmul then iters timed ones, however slow the clock says they are."""
     clock = iter(range(0, 1000, 10))  # every reading 10 s later than the last
-    monkeypatch.setattr(perf.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr("device.time.perf_counter", lambda: next(clock))
     with CountMatmuls() as mode:
         flops = measure_peak_flops("cpu", torch.float32, n=64, iters=iters)
     assert mode.count == 1 + iters

@@ -189,9 +189,9 @@ def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shake
 
 CHURN = """
 import ctypes, resource, sys
-import perf
+import device
 if sys.argv[1] == "tuned":
-    assert perf.reuse_freed_memory()
+    assert device.reuse_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 size = 25 << 20  # three 25 MB blocks, freed and taken again, as a CPU step does with its buffers

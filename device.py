@@ -1,5 +1,5 @@
 """
-What the hardware allows, for train_gpt2.py and bench.py: the matmul peak that MFU is measured against,
+What the device allows, for train_gpt2.py and bench.py: the matmul peak that MFU is measured against,
 the micro-batch that fits a GPU (--batch_size=0), and glibc's malloc settings for CPU steps.
 Importing runs nothing.
 """
