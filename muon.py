@@ -29,7 +29,9 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay, split=1, muon=True))
         self.ns_dtype = ns_dtype  # bf16 is enough for the iteration (not for the weights)
         # one graph per matrix shape (4 in GPT-2); it fuses the casts and the scaling, the matmuls stay BLAS
-        self.ns = torch.compile(self.orthogonalize, fullgraph=True, dynamic=False) if compile else self.orthogonalize
+        self.ns = self.orthogonalize
+        if compile:
+            self.ns = torch.compile(self.orthogonalize, fullgraph=True, dynamic=False)
 
     @staticmethod
     def orthogonalize(G, steps, dtype):
@@ -67,20 +69,26 @@ class Muon(torch.optim.Optimizer):
             share[r] += p.numel()
         device = params[0].device
         send = torch.empty(max(share), dtype=self.ns_dtype, device=device)
-        for i, u in updates.items():
-            send[offset[i]:offset[i] + u.numel()].copy_(u.flatten())
+        for i, u in updates.items():  # u may be a transposed view: one strided copy into place
+            send[offset[i]:offset[i] + u.numel()].view(u.shape).copy_(u)
         recv = torch.empty(world_size * send.numel(), dtype=self.ns_dtype, device=device)  # gloo: flat only
         dist.all_gather_single(recv, send)
         start = [owner[i] * send.numel() + offset[i] for i in range(len(params))]
         return {i: recv[start[i]:start[i] + p.numel()] for i, p in enumerate(params)}
+
+    @staticmethod
+    def ranks():
+        """(this rank, the number sharing the work): (0, 1) unless torch.distributed runs several."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     @torch.no_grad()
     def step(self):
         work = [(p, group) for group in self.param_groups for p in group["params"]]  # one order on all ranks
         if not work:
             return
-        sharded = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+        rank, world_size = self.ranks()
         owner = self.owners([(p.size(0), p.size(1), g["split"]) for p, g in work], world_size)
         updates = {}
         for i, (p, group) in enumerate(work):
@@ -93,7 +101,7 @@ class Muon(torch.optim.Optimizer):
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf  # Nesterov: look ahead
                 g = g.view(group["split"], -1, p.size(1))  # (blocks, m, n)
                 updates[i] = self.ns(g, group["ns_steps"], self.ns_dtype)
-        if sharded:
+        if world_size > 1:
             updates = self.all_gather(updates, [p for p, _ in work], owner, world_size)
         for i, (p, group) in enumerate(work):
             if p.grad is None:
@@ -102,7 +110,7 @@ class Muon(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * wd)
             # an orthogonal m x n block has RMS 1/sqrt(max(m, n)): scale it to 0.2
             scale = 0.2 * max(p.size(0) // group["split"], p.size(1)) ** 0.5
-            p.add_(updates[i].view_as(p), alpha=-group["lr"] * scale)
+            p.add_(updates[i].reshape_as(p), alpha=-group["lr"] * scale)
 
 
 class Optimizers:
