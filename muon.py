@@ -4,6 +4,7 @@ the embeddings, the tied head, biases and LayerNorm gains), and Optimizers, whic
 checkpoints the two as one. Importing runs nothing.
 """
 import torch
+import torch.distributed as dist
 
 
 class Muon(torch.optim.Optimizer):
@@ -12,14 +13,25 @@ class Muon(torch.optim.Optimizer):
     per 2-D weight, is replaced by the nearest semi-orthogonal matrix U V^T (of its SVD U S V^T), so every
     direction of the matrix moves at the same rate, rare ones included. A group's "split" cuts each
     weight into that many row blocks, orthogonalized apart. The update has RMS 0.2 * lr, AdamW's usual
-    size (Liu et al. 2025, "Muon is scalable for LLM training"), on any width and shape. Every DDP rank
-    computes the same update from the same all-reduced gradient: ranks stay bitwise identical.
+    size, on any width and shape; weight decay is decoupled, p *= 1 - lr * weight_decay, the pairing of
+    Liu et al. 2025 ("Muon is scalable for LLM training") and torch.optim.Muon.
+
+    Under torch.distributed each rank orthogonalizes only its share of the matrices and one all-gather
+    hands every rank all the updates, bit for bit. Each update is computed by one rank with a single
+    process's maths and every rank applies all of them, so ranks stay bitwise identical to each other
+    and to one process. Every rank keeps every momentum buffer (two elementwise ops a matrix), so any
+    rank's state_dict is the whole state. compile=True runs Newton-Schulz through torch.compile.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=1,
-                                      muon=True))
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16,
+                 weight_decay=0.1, compile=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay, split=1, muon=True))
         self.ns_dtype = ns_dtype  # bf16 is enough for the iteration (not for the weights)
+        # one graph per matrix shape (4 in GPT-2); it fuses the casts and the scaling, the matmuls stay BLAS
+        self.ns = self.orthogonalize
+        if compile:
+            self.ns = torch.compile(self.orthogonalize, fullgraph=True, dynamic=False)
 
     @staticmethod
     def orthogonalize(G, steps, dtype):
@@ -33,18 +45,72 @@ class Muon(torch.optim.Optimizer):
             X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
         return X.mT if G.size(-2) > G.size(-1) else X
 
+    @staticmethod
+    def owners(shapes, world_size):
+        """The rank that orthogonalizes each matrix, given as (rows, cols, split): the costliest first, each
+        onto the least loaded rank, by Newton-Schulz FLOPs (4 m^2 n + 2 m^3 a step for an m x n block,
+        m <= n). It reads shapes only, so every rank draws the same plan."""
+        def flops(shape):
+            m, n = sorted((shape[0] // shape[2], shape[1]))
+            return shape[2] * (4 * m * m * n + 2 * m ** 3)
+        load, owner = [0] * world_size, [0] * len(shapes)
+        for i in sorted(range(len(shapes)), key=lambda i: -flops(shapes[i])):  # stable: ties in list order
+            owner[i] = min(range(world_size), key=load.__getitem__)
+            load[owner[i]] += flops(shapes[i])
+        return owner
+
+    def all_gather(self, updates, params, owner, world_size):
+        """{index: update} of this rank's matrices -> {index: flat update} of all of them, by one all_gather
+        of equal-sized buffers: each rank's updates back to back, padded to the largest share. Every matrix
+        has its slot, with a gradient or not, so the layout is the same on every rank."""
+        offset, share = [], [0] * world_size
+        for p, r in zip(params, owner):
+            offset.append(share[r])
+            share[r] += p.numel()
+        device = params[0].device
+        send = torch.empty(max(share), dtype=self.ns_dtype, device=device)
+        for i, u in updates.items():  # u may be a transposed view: one strided copy into place
+            send[offset[i]:offset[i] + u.numel()].view(u.shape).copy_(u)
+        recv = torch.empty(world_size * send.numel(), dtype=self.ns_dtype, device=device)  # gloo: flat only
+        dist.all_gather_single(recv, send)
+        start = [owner[i] * send.numel() + offset[i] for i in range(len(params))]
+        return {i: recv[start[i]:start[i] + p.numel()] for i, p in enumerate(params)}
+
+    @staticmethod
+    def ranks():
+        """(this rank, the number sharing the work): (0, 1) unless torch.distributed runs several."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            for p in (p for p in group["params"] if p.grad is not None):
-                if (buf := self.state[p].get("momentum_buffer")) is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * g
+        work = [(p, group) for group in self.param_groups for p in group["params"]]  # one order on all ranks
+        if not work:
+            return
+        rank, world_size = self.ranks()
+        owner = self.owners([(p.size(0), p.size(1), g["split"]) for p, g in work], world_size)
+        updates = {}
+        for i, (p, group) in enumerate(work):
+            if p.grad is None:
+                continue
+            if (buf := self.state[p].get("momentum_buffer")) is None:
+                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m * buf + (1 - m) * g
+            if owner[i] == rank:
                 g = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf  # Nesterov: look ahead
                 g = g.view(group["split"], -1, p.size(1))  # (blocks, m, n)
-                update = self.orthogonalize(g, group["ns_steps"], self.ns_dtype).view_as(p)
-                # an orthogonal m x n matrix has RMS 1/sqrt(max(m, n)): scale it to 0.2
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * max(g.size(-2), g.size(-1)) ** 0.5)
+                updates[i] = self.ns(g, group["ns_steps"], self.ns_dtype)
+        if world_size > 1:
+            updates = self.all_gather(updates, [p for p, _ in work], owner, world_size)
+        for i, (p, group) in enumerate(work):
+            if p.grad is None:
+                continue
+            if wd := group.get("weight_decay", 0.0):  # groups from a checkpoint without the key: no decay
+                p.mul_(1 - group["lr"] * wd)
+            # an orthogonal m x n block has RMS 1/sqrt(max(m, n)): scale it to 0.2
+            scale = 0.2 * max(p.size(0) // group["split"], p.size(1)) ** 0.5
+            p.add_(updates[i].reshape_as(p), alpha=-group["lr"] * scale)
 
 
 class Optimizers:

@@ -64,6 +64,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW (max_lr) for the rest
     muon_lr: float = 0.0018  # Muon's peak LR (update RMS 0.2 * lr), on max_lr's schedule
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.1  # Muon's decoupled decay: p *= 1 - lr * wd a step (Moonlight's 0.1)
     max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = 0.1  # the schedule ends at max_lr * min_lr_ratio
     lr_schedule: str = "cosine"  # cosine, or wsd: warmup, constant, then linear decay (Hu et al. 2024)
@@ -106,14 +107,14 @@ PRESETS = {
     "shakespeare": dict(
         data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
         total_batch_size=4096, max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50,
-        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,
-        checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
+        optimizer="muon", muon_lr=0.02, muon_weight_decay=0.0, lr_schedule="wsd", decay_fraction=0.3,
+        min_lr_ratio=0.0, checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
         compile=True,  # on a CPU too: faster steps after a ~30 s compile
     ),
     # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records, for 2B tokens;
     # measured at small scale only (docs/muon.md)
-    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, warmup_steps=0, lr_schedule="wsd",
-                      decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
+    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, muon_weight_decay=0.0, warmup_steps=0,
+                      lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
 }
 
 
@@ -135,6 +136,8 @@ def validate_config(cfg):
             raise ConfigError(f"--{name}={v}: must be a finite number {'>' if name in positive else '>='} 0")
     if cfg.min_lr_ratio > 1 or max(cfg.beta1, cfg.beta2) >= 1:
         raise ConfigError(f"--min_lr_ratio={cfg.min_lr_ratio} must be <= 1, --beta1/--beta2 < 1")
+    if cfg.muon_momentum >= 1:  # 1 freezes the momentum buffer at 0, and so every update
+        raise ConfigError(f"--muon_momentum={cfg.muon_momentum}: must be in [0, 1), e.g. 0.95")
     if cfg.seed >= 2**32:
         raise ConfigError(f"--seed={cfg.seed}: must be below 2**32, numpy's seed range")
     if cfg.n_embd % cfg.n_head:
@@ -821,9 +824,11 @@ def build_model(r, ckpt):
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         r.model = DDP(r.compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
-    bf16 = cfg.dtype == "bfloat16" and d.device_type != "mps"  # Newton-Schulz in bf16 if the run is (not MPS)
-    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                ns_dtype=torch.bfloat16 if bf16 else torch.float32)
+    # Newton-Schulz in bf16 if the run is (not MPS); compiled with the model, on CUDA only (on a CPU its
+    # compile does not pay back in a short run)
+    muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                ns_dtype=getattr(torch, cfg.dtype) if d.device_type != "mps" else torch.float32,
+                compile=r.compiled is not raw_model and d.device_type == "cuda")
     r.optimizer = raw_model.configure_optimizers(
         cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), cfg.eps, d.device_type,
         zero1=cfg.zero1 and d.world_size > 1, muon=muon if cfg.optimizer == "muon" else None)

@@ -5,6 +5,8 @@ Muon vs AdamW on the 4-layer, 128-wide GPT at equal tokens, several seeds, on tw
     python experiments/muon_vs_adamw.py main --data=shakespeare     # both at their best LR, 3 seeds
     python experiments/muon_vs_adamw.py report                      # the README table from the results
     python experiments/muon_vs_adamw.py time                        # step time, interleaved in one process
+    torchrun --nproc_per_node=2 experiments/muon_vs_adamw.py time   # the same on 2 gloo ranks (DDP)
+    python experiments/muon_vs_adamw.py wd --data=shakespeare       # Muon's weight decay, 3 seeds
 
 --data is shakespeare (tiny shakespeare, its last 10% held out) or fineweb (documents from
 --fineweb, tokenized by fineweb.py into shards whose first one, ~40k tokens, is held out).
@@ -14,7 +16,8 @@ appended to --out/results.jsonl, and a run already there is not run again.
 Val loss is measured every 10 steps on the first 16,384 held-out tokens (the same ones for every
 run). Tokens Muon needs to reach AdamW's final val loss are read off Muon's own curve (linear between
 evals, per seed): a conservative figure, since a Muon run as short as that would have decayed its LR
-by then and done better.
+by then and done better. The sweep and main runs give Muon no weight decay (--muon_weight_decay=0,
+as they were measured); the wd phase runs Muon at --muon_lr with each of WEIGHT_DECAYS.
 """
 import argparse
 import glob
@@ -35,6 +38,9 @@ MODEL = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=128", "--bat
 BUDGET = dict(total_batch_size=2048, max_steps=60, warmup_steps=6, eval_interval=10, val_tokens=16384)
 SWEEP = {"adamw": [1e-3, 2e-3, 4e-3, 8e-3], "muon": [0.02, 0.04]}  # max_lr for AdamW, muon_lr for Muon
 MUON_ADAMW_LR = 4e-3  # max_lr of a Muon run's AdamW part (embeddings, head, biases, gains)
+# 0.1 is Moonlight's (and the default); 60 steps at muon_lr 0.02 decay the weights by only
+# sum(lr * wd) ~ 0.66 * wd, so 3 stands in for a 124M run's ~1.9 (19,073 steps at 0.0018, wd 0.1)
+WEIGHT_DECAYS = [0.0, 0.1, 3.0]
 
 
 def data_path(args):
@@ -46,7 +52,8 @@ def data_path(args):
     if not os.path.isdir(shards):
         files = sorted(glob.glob(args.fineweb))
         if not files:
-            sys.exit(f"error: --fineweb={args.fineweb} matches no files; pass a glob of FineWeb parquet/jsonl files")
+            sys.exit(f"error: --fineweb={args.fineweb} matches no files; "
+                     "pass a glob of FineWeb parquet/jsonl files")
         subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--files", *files, "--out", shards,
                         "--shard_size=40000", "--no_progress"], check=True)
     return shards
@@ -60,19 +67,22 @@ def load_results(args):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run(args, optimizer, lr, seed):
+def run(args, optimizer, lr, seed, muon_wd=0.0):
     """Final val loss of one training run (from results.jsonl if it was run before)."""
     key = dict(data=args.data, optimizer=optimizer, lr=lr, seed=seed,
                adamw_lr=args.adamw_lr if optimizer == "muon" else lr)
+    if optimizer == "muon":
+        key["muon_wd"] = muon_wd
     for r in load_results(args):
-        if all(r.get(k) == v for k, v in key.items()):
+        if all(r.get(k, 0.0 if k == "muon_wd" else None) == v for k, v in key.items()):  # rows before wd: 0
             return r["val"]
     name = "_".join(f"{k}{v}" for k, v in key.items())
     log_dir = os.path.join(args.out, name)
     flags = [f"--data={data_path(args)}", *MODEL, *(f"--{k}={v}" for k, v in BUDGET.items()),
-             f"--optimizer={optimizer}", f"--max_lr={key['adamw_lr']}", f"--seed={seed}", f"--log_dir={log_dir}",
-             "--num_samples=0", "--checkpoint_interval=0", "--keep_checkpoints=1", f"--compile={args.compile}",
-             *([f"--muon_lr={lr}"] if optimizer == "muon" else [])]
+             f"--optimizer={optimizer}", f"--max_lr={key['adamw_lr']}", f"--seed={seed}",
+             f"--log_dir={log_dir}", "--num_samples=0", "--checkpoint_interval=0", "--keep_checkpoints=1",
+             f"--compile={args.compile}",
+             *([f"--muon_lr={lr}", f"--muon_weight_decay={muon_wd}"] if optimizer == "muon" else [])]
     t0 = time.time()
     with open(log_dir + ".out", "a") as out:
         subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *flags], stdout=out,
@@ -104,7 +114,7 @@ def mean_spread(xs):
 
 
 def summarize(args, data):
-    rows = [r for r in load_results(args) if r["data"] == data]
+    rows = [r for r in load_results(args) if r["data"] == data and not r.get("muon_wd")]
     sweep = lambda opt: {r["lr"]: r for r in rows if r["optimizer"] == opt and r["seed"] == 0}  # noqa: E731
     if not sweep("adamw"):
         return None
@@ -123,7 +133,8 @@ def summarize(args, data):
     last = adamw[seeds[0]]["curve"][-1][0]  # the final eval's step
     at = lambda r, step: dict(r["curve"])[step]  # noqa: E731
     return dict(data=data, seeds=seeds, adamw_lr=adamw_lr, muon_lr=muon_lr, steps=last,
-                adamw=mean_spread([adamw[s]["val"] for s in seeds]), muon=mean_spread([muon[s]["val"] for s in seeds]),
+                adamw=mean_spread([adamw[s]["val"] for s in seeds]),
+                muon=mean_spread([muon[s]["val"] for s in seeds]),
                 muon_40=mean_spread([at(muon[s], round(last * 2 / 3, -1)) for s in seeds]),
                 ratio=mean_spread([steps_to_reach(adamw[s]["val"], muon[s]["curve"]) / last for s in seeds]))
 
@@ -140,26 +151,51 @@ def report(args):
             print(f"| {data} | {pm(s['adamw'])} ({s['adamw_lr']:g}) | {pm(s['muon'])} ({s['muon_lr']:g}) | "
                   f"{pm(s['muon_40'])} | {pm(s['ratio'], 2)}x | {len(s['seeds'])} |")
         runs = sorted((r["optimizer"], r["lr"], r["val"]) for r in load_results(args)
-                      if r["data"] == data and r["seed"] == 0)
+                      if r["data"] == data and r["seed"] == 0 and not r.get("muon_wd"))
         sweeps.append(f"{data}: " + ", ".join(f"{o} {lr:g} -> {v:.4f}" for o, lr, v in runs))
     print(f"\n(mean ± standard deviation over seeds; val after {BUDGET['max_steps'] - 1} updates of "
-          f"{BUDGET['total_batch_size']:,} tokens; tokens as a fraction of AdamW's)\nsweep, seed 0, final val: "
+          f"{BUDGET['total_batch_size']:,} tokens; tokens as a fraction of AdamW's)\n"
+          "sweep, seed 0, final val: "
           + "; ".join(sweeps))
 
 
-def time_steps(args, rounds=30):
-    """Step time of AdamW and Muon on the same model and batch, alternating step by step in one process."""
+def weight_decay(args):
+    """Muon at --muon_lr with each of WEIGHT_DECAYS, seed by seed (so a cut-short run still pairs them)."""
+    for seed in range(args.seeds):
+        for wd in WEIGHT_DECAYS:
+            run(args, "muon", args.muon_lr, seed, muon_wd=wd)
+    rows = [r for r in load_results(args) if r["data"] == args.data and r["optimizer"] == "muon"
+            and r["lr"] == args.muon_lr and r["adamw_lr"] == args.adamw_lr]
+    val = {(r.get("muon_wd", 0.0), r["seed"]): r["val"] for r in rows}
+    print(f"| --muon_weight_decay | val ({args.data}, muon_lr {args.muon_lr:g}) | minus wd 0's | seeds |")
+    print("|---|---|---|---|")
+    for wd in WEIGHT_DECAYS:
+        seeds = [s for s in range(args.seeds) if (wd, s) in val and (0.0, s) in val]
+        if seeds:
+            v = mean_spread([val[wd, s] for s in seeds])
+            dv = mean_spread([val[wd, s] - val[0.0, s] for s in seeds])
+            print(f"| {wd:g} | {v[0]:.4f} ± {v[1]:.4f} | {dv[0]:+.4f} ± {dv[1]:.4f} | {len(seeds)} |")
+
+
+def time_steps(args):
+    """Step time of AdamW and Muon on the same model and batch, alternating step by step in one process;
+    under torchrun, DDP over gloo, and Muon twice: sharded, and with every rank orthogonalizing all."""
     import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
     import train_gpt2 as tg
+    d = tg.setup_distributed("cpu")
     torch.manual_seed(0)
     cfg = tg.GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128)
     x = torch.randint(0, cfg.vocab_size, (16, 128))
     runs = {}
-    for name in ("adamw", "muon"):
+    for name in ("adamw", "muon", "muon_all") if d.world_size > 1 else ("adamw", "muon"):
         model = tg.GPT(cfg)
-        muon = dict(lr=0.02, momentum=0.95, ns_dtype=torch.bfloat16) if name == "muon" else None
-        runs[name] = (model, model.configure_optimizers(0.1, 4e-3, (0.9, 0.95), 1e-8, "cpu", muon=muon), [])
-    for i in range(rounds + 3):
+        muon = None if name == "adamw" else dict(lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+        opt = model.configure_optimizers(0.1, 4e-3, (0.9, 0.95), 1e-8, "cpu", muon=muon)
+        if name == "muon_all":
+            opt.optimizers[0].ranks = lambda: (0, 1)  # each rank all 16 matrices, as one process does
+        runs[name] = (DDP(model) if d.world_size > 1 else model, opt, [])
+    for i in range(args.rounds + 3):
         for name, (model, opt, times) in runs.items():
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -170,20 +206,27 @@ def time_steps(args, rounds=30):
             if i >= 3:  # the first steps allocate the optimizer state
                 times.append(time.perf_counter() - t0)
     med = {name: statistics.median(t) for name, (_, _, t) in runs.items()}
-    print(f"median step (B=16, T=128, bf16 autocast, {torch.get_num_threads()} threads, {rounds} steps each, "
-          f"interleaved): adamw {med['adamw'] * 1e3:.0f} ms, muon {med['muon'] * 1e3:.0f} ms, "
-          f"ratio {med['muon'] / med['adamw']:.3f}; load average {os.getloadavg()[0]:.1f}")
+    if d.master:
+        print(f"median step (B=16, T=128, bf16 autocast, {d.world_size} rank(s) x {torch.get_num_threads()} "
+              f"threads, {args.rounds} steps each, interleaved): "
+              + ", ".join(f"{name} {t * 1e3:.0f} ms ({t / med['adamw']:.3f}x)" for name, t in med.items())
+              + f"; load average {os.getloadavg()[0]:.1f}")
+    if d.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["sweep", "main", "report", "time"])
+    p.add_argument("phase", choices=["sweep", "main", "report", "time", "wd"])
     p.add_argument("--data", choices=["shakespeare", "fineweb"], default="shakespeare")
     p.add_argument("--shakespeare", default="", help="tiny shakespeare text file (default: input.txt)")
     p.add_argument("--fineweb", default=os.path.join(SHARED, "fineweb_sample_*.parquet"),
                    help="glob of FineWeb parquet/jsonl files")
     p.add_argument("--out", default=os.path.join(ROOT, "log", "muon_vs_adamw"), help="logs and results.jsonl")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=30, help="time: steps timed per optimizer")
+    p.add_argument("--muon_lr", type=float, default=0.02, help="the wd phase's Muon LR (the sweep's best)")
     p.add_argument("--compile", default="true", help="torch.compile each run (~1.5x faster CPU steps)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -192,6 +235,8 @@ def main():
     if args.phase == "time":
         return time_steps(args)
     args.adamw_lr = MUON_ADAMW_LR
+    if args.phase == "wd":
+        return weight_decay(args)
     adamw_lr, muon_lr = best_lr(args, "adamw"), best_lr(args, "muon")
     print(f"{args.data}: best AdamW max_lr {adamw_lr:g}, best Muon muon_lr {muon_lr:g}", flush=True)
     if args.phase == "main":
