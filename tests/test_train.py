@@ -129,8 +129,8 @@ def test_warns_when_warmup_outlasts_the_run_and_when_a_resume_changes_max_steps(
     assert train_gpt2.main([*args, "--resume", "--max_steps=6", "--warmup_steps=1"]) == 0
     out = capsys.readouterr().out
     lr = get_lr(3, TrainConfig(max_lr=1e-3, warmup_steps=1, max_steps=6))
-    assert (f"warning: --max_steps=6 differs from the checkpoint's 3: the cosine LR schedule is redrawn over the "
-            f"new length (step 3: lr {lr:.1e}, 1.0e-04 in the original schedule)") in out
+    assert (f"warning: --max_steps=6 differs from the checkpoint's 3: the LR schedule is redrawn over the "
+            f"new length (step 3: lr {lr:.1e}, 1.0e-04 in the original one)") in out
     assert "warning: --warmup" not in out
 
 
