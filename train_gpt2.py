@@ -95,7 +95,7 @@ class TrainConfig:
     compile: typing.Optional[bool] = None  # torch.compile; unset: on for cuda only
     zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
-    stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
+    stop_step: int = 0  # checkpoint and stop once this many steps are done (after step N-1; a run in jobs)
     verify_shards: bool = False  # check every shard's sha256 against fineweb.py's manifest.json at start-up
     seed: int = 1337  # seeds the weights, the data order (--shuffle) and the samples
 
@@ -662,10 +662,10 @@ def val_windows(sources, B, T, val_tokens):
     """How many B*T windows the validation stream gives, capped at val_tokens."""
     total = sum(len(s) for s in sources)
     n = min(val_tokens, total - 1) // (B * T)
-    if n == 0:
-        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than one "
-                          f"batch of --batch_size*--block_size={B * T} tokens; raise --val_tokens or lower "
-                          f"--batch_size")
+    if n == 0:  # a larger --val_tokens cannot help a split shorter than one batch
+        short, fix = ((f"--val_tokens={val_tokens}", "raise --val_tokens") if val_tokens < total - 1 else
+                      (f"the val split ({total} tokens)", "lower --batch_size or --block_size"))
+        raise ConfigError(f"{short} is smaller than one batch of --batch_size*--block_size={B * T} tokens; {fix}")
     return n
 
 
@@ -685,7 +685,7 @@ def build_data(cfg, B, T, rank, world_size):
     if sum(len(s) for s in train) <= B * T:
         raise ConfigError(f"--data={cfg.data}: its train split is smaller than one batch of "
                           f"--batch_size*--block_size"
-                          f"={B * T} tokens; lower --batch_size or add data")
+                          f"={B * T} tokens; lower --batch_size or --block_size, or add data")
     if cfg.eval_interval > 0:
         val_windows(val, B, T, cfg.val_tokens)  # now, not at the first eval
     loader = DataLoaderLite(train, B, T, rank, world_size, shuffle=cfg.shuffle, seed=cfg.seed)
@@ -1047,6 +1047,12 @@ def train(cfg, explicit=None):
     ckpt = None
     if cfg.resume:
         ckpt, cfg = resolve_resume(cfg, explicit or {})
+    if ckpt is not None and ckpt["step"] >= min(cfg.max_steps, cfg.stop_step or cfg.max_steps):
+        n = ckpt["step"]  # nothing to run, so nothing is written
+        print0(f"{cfg.resume}: the run is complete at --max_steps={cfg.max_steps} ({n} steps done); to train "
+               f"longer, pass --max_steps=N (N > {n}) with --resume" if n >= cfg.max_steps else
+               f"{cfg.resume}: {n} steps are done, --stop_step={cfg.stop_step} asks for none; raise it")
+        return {"step": n - 1, "val_loss": ckpt["val_loss"]}
     validate_config(cfg)
     r = set_up(cfg)
     d = r.d
@@ -1063,9 +1069,10 @@ def train(cfg, explicit=None):
     stop = StopSignal(install=d.master or d.world_size > 1)
 
     step_times, step = [], start_step
+    scored = ckpt is not None and start_step == ckpt["config"]["max_steps"]  # its run's final eval: logged
     for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
-        if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and not (scored and step == start_step):
             val_loss = evaluate(r, step)
         # one optimizer step
         t0 = time.perf_counter()
@@ -1082,6 +1089,8 @@ def train(cfg, explicit=None):
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
         if d.master:
             run_dir.append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
+        if last_step and cfg.eval_interval > 0:  # the weights the last checkpoint holds, after the last step
+            val_loss = evaluate(r, step + 1)
         # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
         flag = torch.tensor([stop.signum], device=d.device)
         if d.world_size > 1:
@@ -1092,8 +1101,8 @@ def train(cfg, explicit=None):
             checkpoint(r, step + 1, val_loss)
         if stopping:
             signum = int(flag.item())
-            print0(f"stopped after step {step + 1}" + (f" on signal {signum}" if signum else "")
-                   + "; continue with --resume")
+            print0(f"stopped after step {step} ({step + 1} steps done)"
+                   + (f" on signal {signum}" if signum else "") + "; continue with --resume")
             break
 
     # finish

@@ -39,7 +39,7 @@ def test_notebook_plots_and_samples_a_tiny_run(tmp_path, monkeypatch):
         f"--log_dir={log_dir}", "--num_samples=0", "--val_tokens=1024", "--hellaswag", f"--hellaswag_path={hella}",
     ]) == 0
     with open(log_dir / "log.txt") as f:
-        assert sum(" hella " in line for line in f) == 3  # evals at steps 0, 2 and the last, 3
+        assert sum(" hella " in line for line in f) == 3  # evals at steps 0, 2 and 4, after the last step
 
     out = tmp_path / "figures"
     monkeypatch.setenv("PLAY_LOG", str(log_dir / "log.txt"))
