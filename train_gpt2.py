@@ -79,6 +79,7 @@ class TrainConfig:
     eval_interval: int = 250  # steps between val loss / HellaSwag / samples
     hellaswag: bool = False  # HellaSwag acc_norm at each eval (needs hellaswag.py and its data)
     hellaswag_path: str = ""  # local hellaswag_val.jsonl; empty downloads it
+    eval_only: bool = False  # score --resume's or --init_from's weights (val, --hellaswag), log them, exit
     num_samples: int = 4  # samples printed at each eval
     sample_tokens: int = 32  # tokens per sample
     sample_prompt: str = "Hello, I'm a language model,"  # the samples continue this text
@@ -924,7 +925,7 @@ def print_start(r, ckpt, start_step, peak):
     print0(f"model: {r.raw_model.num_params() / 1e6:.2f}M params | device {r.d.device} x {r.d.world_size} | "
            f"grad accum {r.grad_accum} | micro-batch {r.B}{'' if cfg.batch_size else ' (auto)'} | "
            f"{cfg.total_batch_size} tokens/step | measured peak {peak / 1e12:.2f} TFLOP/s per device"
-           + (f" | resuming at step {start_step}" if ckpt else ""))
+           + (f" | {'evaluating' if cfg.eval_only else 'resuming'} at step {start_step}" if ckpt else ""))
     if cfg.warmup_steps >= cfg.max_steps:
         end = get_lr(cfg.max_steps - 1, cfg)
         print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never "
@@ -1047,7 +1048,10 @@ def train(cfg, explicit=None):
     ckpt = None
     if cfg.resume:
         ckpt, cfg = resolve_resume(cfg, explicit or {})
-    if ckpt is not None and ckpt["step"] >= min(cfg.max_steps, cfg.stop_step or cfg.max_steps):
+    if cfg.eval_only and ckpt is None and cfg.init_from == "scratch":
+        raise ConfigError("--eval_only=true scores given weights: pass --resume=PATH or --init_from=NAME")
+    if ckpt is not None and not cfg.eval_only and ckpt["step"] >= min(cfg.max_steps,
+                                                                      cfg.stop_step or cfg.max_steps):
         n = ckpt["step"]  # nothing to run, so nothing is written
         print0(f"{cfg.resume}: the run is complete at --max_steps={cfg.max_steps} ({n} steps done); to train "
                f"longer, pass --max_steps=N (N > {n}) with --resume" if n >= cfg.max_steps else
@@ -1058,8 +1062,10 @@ def train(cfg, explicit=None):
     d = r.d
     r.loader, r.val_sources = build_data(cfg, r.B, r.T, d.rank, d.world_size)  # bad --data: before the model
     build_model(r, ckpt)
-    start_step, val_loss = restore(r, ckpt)
+    start_step, val_loss = (ckpt["step"] if ckpt else 0, None) if cfg.eval_only else restore(r, ckpt)
     r.hellaswag_items = load_hellaswag(cfg, d)
+    if cfg.eval_only:  # the weights scored and logged: no checkpoint written, no file moved
+        return {"step": start_step, "val_loss": evaluate(r, start_step)}
     if d.master:  # rank 0 locks log_dir, picks this run's checkpoint names and lines the log up with them
         r.folder = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over)
         r.folder.begin()

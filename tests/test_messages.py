@@ -85,3 +85,24 @@ def test_a_val_split_shorter_than_a_batch_names_the_fix_that_helps():
         val_windows(short, 64, 1024, 10_485_760)  # --init_from=gpt2 on input.txt: raising --val_tokens cannot help
     with pytest.raises(ConfigError, match=r"--val_tokens=20 is smaller .*; raise --val_tokens$"):
         val_windows([Source(lambda: np.zeros(10_000, dtype=np.uint16))], 4, 32, 20)
+
+
+def test_eval_only_scores_a_checkpoint_logs_it_and_writes_nothing_else(base, tmp_path, capsys):
+    assert train_gpt2.main([*base, "--max_steps=4"]) == 0
+    log_dir, ckpt = tmp_path / "log", str(tmp_path / "log" / "ckpt_000004.pt")
+    saved = train_gpt2.run_dir.load_checkpoint(ckpt, ("val_loss",))["val_loss"]
+    capsys.readouterr()
+    before = snapshot(log_dir)
+    log_before = (log_dir / "log.txt").read_text()
+    assert train_gpt2.main([f"--resume={ckpt}", "--eval_only=true"]) == 0  # its run's config: data, log_dir
+    assert f"step 4 | val loss {saved:.4f}" in capsys.readouterr().out
+    assert (log_dir / "log.txt").read_text() == log_before + f"4 val {saved:.4f}\n"  # appended, one line
+    after = snapshot(log_dir)
+    assert {n: v for n, v in after.items() if n != "log.txt"} == {n: v for n, v in before.items() if n != "log.txt"}
+
+
+def test_eval_only_without_weights_is_one_line_exit_2(base, tmp_path, capsys):
+    assert train_gpt2.main([*base, "--eval_only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--eval_only=true" in err and "--resume=PATH or --init_from=NAME" in err
+    assert not (tmp_path / "log").exists()
