@@ -1064,14 +1064,14 @@ def train(cfg, explicit=None):
     build_model(r, ckpt)
     start_step, val_loss = (ckpt["step"] if ckpt else 0, None) if cfg.eval_only else restore(r, ckpt)
     r.hellaswag_items = load_hellaswag(cfg, d)
-    if cfg.eval_only:  # the weights scored and logged: no checkpoint written, no file moved
-        return {"step": start_step, "val_loss": evaluate(r, start_step)}
-    if d.master:  # rank 0 locks log_dir, picks this run's checkpoint names and lines the log up with them
+    if d.master and not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up
         r.folder = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over)
         r.folder.begin()
     flops_per_step = r.raw_model.flops_per_token() * cfg.total_batch_size
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print_start(r, ckpt, start_step, peak)
+    if cfg.eval_only:  # the weights scored and logged: no checkpoint written, no file moved
+        return {"step": start_step, "val_loss": evaluate(r, start_step)}
     stop = StopSignal(install=d.master or d.world_size > 1)
 
     step_times, step = [], start_step

@@ -95,7 +95,8 @@ def test_eval_only_scores_a_checkpoint_logs_it_and_writes_nothing_else(base, tmp
     before = snapshot(log_dir)
     log_before = (log_dir / "log.txt").read_text()
     assert train_gpt2.main([f"--resume={ckpt}", "--eval_only=true"]) == 0  # its run's config: data, log_dir
-    assert f"step 4 | val loss {saved:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "evaluating at step 4" in out and f"step 4 | val loss {saved:.4f}" in out
     assert (log_dir / "log.txt").read_text() == log_before + f"4 val {saved:.4f}\n"  # appended, one line
     after = snapshot(log_dir)
     assert {n: v for n, v in after.items() if n != "log.txt"} == {n: v for n, v in before.items() if n != "log.txt"}
