@@ -83,7 +83,9 @@ class TrainConfig:
     num_samples: int = 4  # samples printed at each eval
     sample_tokens: int = 32  # tokens per sample
     sample_prompt: str = "Hello, I'm a language model,"  # the samples continue this text
-    log_dir: str = "log"  # log.txt and checkpoints go here
+    log_dir: str = "log"  # log.txt, metrics.jsonl, config.json and checkpoints go here
+    wandb_project: str = ""  # also log to this Weights & Biases project (nanoGPT's wandb_project, wandb_log)
+    wandb_run_name: str = ""  # the W&B run's name; empty: wandb picks one
     checkpoint_interval: int = 5000  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in log_dir; 0 keeps all
     resume: str = ""  # "--resume" alone: newest checkpoint of the run in log_dir; or a checkpoint path
@@ -826,6 +828,7 @@ class Run:
     val_sources: list = None
     hellaswag_items: list = None
     folder: typing.Any = None  # run_dir.RunDir on rank 0, None on the others
+    log: typing.Any = None  # run_dir.Log: log.txt, metrics.jsonl, W&B (writes on rank 0 only)
 
 
 def resolve_resume(cfg, explicit):
@@ -959,11 +962,9 @@ def nonfinite_error(r, step, what):
 def evaluate(r, step):
     """Val loss (every rank), HellaSwag and samples at an eval step; returns the val loss."""
     cfg, d = r.cfg, r.d
-    log_path = os.path.join(cfg.log_dir, "log.txt")
     val_loss = evaluate_loss(r.compiled, r.val_sources, r.B, r.T, cfg.val_tokens, d, r.autocast)
     print0(f"step {step} | val loss {val_loss:.4f}")
-    if d.master:
-        run_dir.append_log(log_path, f"{step} val {val_loss:.4f}")
+    r.log.eval(step, "val", val_loss)
     if r.hellaswag_items is not None:
         import hellaswag
         counts = hellaswag.evaluate_counts(r.raw_model, r.hellaswag_items, d.device, d.rank, d.world_size,
@@ -971,8 +972,7 @@ def evaluate(r, step):
         acc_norm = counts["correct_norm"] / max(1, counts["total"])
         print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} "
                f"({counts['correct_norm']}/{counts['total']})")
-        if d.master:
-            run_dir.append_log(log_path, f"{step} hella {acc_norm:.4f}")
+        r.log.eval(step, "hella", acc_norm, n=counts["total"])
     if d.master and cfg.num_samples > 0:
         with r.autocast:
             for text in sample_texts(r.raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
@@ -1070,6 +1070,8 @@ def train(cfg, explicit=None):
     flops_per_step = r.raw_model.flops_per_token() * cfg.total_batch_size
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print_start(r, ckpt, start_step, peak)
+    r.log = run_dir.Log(cfg.log_dir, dataclasses.asdict(cfg), cfg.total_batch_size, d.master,
+                        cfg.wandb_project, cfg.wandb_run_name, start=not cfg.eval_only)
     if cfg.eval_only:  # the weights scored and logged: no checkpoint written, no file moved
         return {"step": start_step, "val_loss": evaluate(r, start_step)}
     stop = StopSignal(install=d.master or d.world_size > 1)
@@ -1093,8 +1095,7 @@ def train(cfg, explicit=None):
         mfu = flops_per_step / dt / (peak * d.world_size)
         print0(f"step {step}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
-        if d.master:
-            run_dir.append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
+        r.log.train(step, loss_val, lr=lr, norm=norm_val, dt_ms=dt * 1000, tok_s=cfg.total_batch_size / dt)
         if last_step and cfg.eval_interval > 0:  # the weights the last checkpoint holds, after the last step
             val_loss = evaluate(r, step + 1)
         # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
@@ -1124,6 +1125,7 @@ def train(cfg, explicit=None):
         # can abort ("terminate called without an active exception") and fail the whole job
         dist.barrier()
         dist.destroy_process_group()
+    r.log.close()
     if r.folder:
         r.folder.close()
     return summary

@@ -61,3 +61,67 @@ def test_notebook_plots_and_samples_a_tiny_run(tmp_path, monkeypatch):
     assert f"build-nanogpt 124M, 10B tokens: {last}" in printed
     if compare:  # its console output reads to the same points
         assert f"build_nanogpt_124M_2xH100_epoch1.log: {last}" in printed
+
+
+LOG_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--total_batch_size=128",
+           "--val_tokens=1024", "--dtype=float32", "--device=cpu", "--num_samples=0", "--warmup_steps=1",
+           "--eval_interval=2", "--checkpoint_interval=2"]
+
+
+def points(log_dir):
+    """log.txt's (step, kind, text) and metrics.jsonl's rows."""
+    import json
+    with open(log_dir / "log.txt") as f:
+        lines = [tuple(line.split()) for line in f if line.strip()]
+    with open(log_dir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    return lines, rows
+
+
+def test_metrics_jsonl_and_config_json_follow_log_txt_through_a_branch(tmp_path):
+    import json
+    data, log_dir = tmp_path / "input.txt", tmp_path / "log"
+    shutil.copy(SHAKESPEARE, data)
+    had_wandb = "wandb" in sys.modules
+    base = [f"--data={data}", f"--log_dir={log_dir}", *LOG_RUN]
+    assert train_gpt2.main([*base, "--max_steps=4"]) == 0
+    assert had_wandb or "wandb" not in sys.modules  # imported only with --wandb_project
+    lines, rows = points(log_dir)
+    assert [(str(r["step"]), r["kind"]) for r in rows] == [l[:2] for l in lines]  # the same points, in order
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [0, 1, 2, 3] and all(r["tokens"] == 128 * r["step"] for r in rows)
+    assert all(f"{r['value']:.6f}" == l[2] for r, l in zip(rows, lines) if r["kind"] == "train")
+    assert all(set(r) == {"step", "kind", "tokens", "value", "lr", "norm", "dt_ms", "tok_s"} for r in train_rows)
+    config = json.loads((log_dir / "config.json").read_text())
+    ckpt = train_gpt2.run_dir.load_checkpoint(str(log_dir / "ckpt_000004.pt"), ("config",))
+    assert config == ckpt["config"] and config["max_steps"] == 4
+    # resumed from step 2 with a new length: a branch; rows of steps 2.. move aside with log.txt's lines
+    assert train_gpt2.main([*base, f"--resume={log_dir / 'ckpt_000002.pt'}", "--max_steps=5"]) == 0
+    lines, rows = points(log_dir)
+    assert [(str(r["step"]), r["kind"]) for r in rows] == [l[:2] for l in lines]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [0, 1, 2, 3, 4]
+    assert json.loads((log_dir / "config.json").read_text())["max_steps"] == 5
+    superseded = (log_dir / "metrics.jsonl.superseded").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in superseded if '"train"' in s] == [2, 3]
+
+
+def test_wandb_offline_gets_every_point(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    data, log_dir = tmp_path / "input.txt", tmp_path / "log"
+    shutil.copy(SHAKESPEARE, data)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert train_gpt2.main([f"--data={data}", f"--log_dir={log_dir}", *LOG_RUN, "--max_steps=3",
+                            "--wandb_project=tiny", "--wandb_run_name=tiny-run"]) == 0
+    (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    raw = run.read_bytes()  # protobuf records: the keys and JSON values are stored as plain bytes
+    _, rows = points(log_dir)
+    assert all(key in raw for key in (b"train/loss", b"val/loss", b"train/lr", b"tiny-run"))
+    for r in rows:  # each point's value as JSON, as wandb writes it
+        assert json_bytes(r["value"]) in raw, r
+
+
+def json_bytes(x):
+    import json
+    return json.dumps(x).encode()
