@@ -113,6 +113,12 @@ PRESETS = {
         checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
         compile=True,  # on a CPU too: faster steps after a ~30 s compile
     ),
+    # the shakespeare model on your own fineweb.py shards (--data=FOLDER): a warmup of 20 steps, not 715,
+    # so a short run leaves it; eval on 64k val tokens, not 10M
+    "tiny-shards": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=4096,
+                        max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50, val_tokens=65_536,
+                        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,
+                        checkpoint_interval=100, num_samples=2, sample_tokens=48, compile=True),
     # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records, for 2B tokens;
     # measured at small scale only (docs/muon.md)
     "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, warmup_steps=0, lr_schedule="wsd",
@@ -1050,19 +1056,18 @@ def train(cfg, explicit=None):
         ckpt, cfg = resolve_resume(cfg, explicit or {})
     if cfg.eval_only and ckpt is None and cfg.init_from == "scratch":
         raise ConfigError("--eval_only=true scores given weights: pass --resume=PATH or --init_from=NAME")
-    if ckpt is not None and not cfg.eval_only and ckpt["step"] >= min(cfg.max_steps,
-                                                                      cfg.stop_step or cfg.max_steps):
-        n = ckpt["step"]  # nothing to run, so nothing is written
-        print0(f"{cfg.resume}: the run is complete at --max_steps={cfg.max_steps} ({n} steps done); to train "
-               f"longer, pass --max_steps=N (N > {n}) with --resume" if n >= cfg.max_steps else
-               f"{cfg.resume}: {n} steps are done, --stop_step={cfg.stop_step} asks for none; raise it")
-        return {"step": n - 1, "val_loss": ckpt["val_loss"]}
     validate_config(cfg)
     r = set_up(cfg)
     d = r.d
     r.loader, r.val_sources = build_data(cfg, r.B, r.T, d.rank, d.world_size)  # bad --data: before the model
     build_model(r, ckpt)
     start_step, val_loss = (ckpt["step"] if ckpt else 0, None) if cfg.eval_only else restore(r, ckpt)
+    if ckpt is not None and not cfg.eval_only and start_step >= min(cfg.max_steps, cfg.stop_step or math.inf):
+        n = start_step  # nothing to run, so nothing is written
+        print0(f"{cfg.resume}: the run is complete at --max_steps={cfg.max_steps} ({n} steps done); to train "
+               f"longer, pass --max_steps=N (N > {n}) with --resume" if n >= cfg.max_steps else
+               f"{cfg.resume}: {n} steps are done, --stop_step={cfg.stop_step} asks for none; raise it")
+        return {"step": n - 1, "val_loss": val_loss}
     r.hellaswag_items = load_hellaswag(cfg, d)
     if d.master and not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up
         r.folder = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over)

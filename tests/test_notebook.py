@@ -65,9 +65,9 @@ def test_notebook_plots_and_samples_a_tiny_run(tmp_path, monkeypatch):
         assert f"build_nanogpt_124M_2xH100_epoch1.log: {last}" in printed
 
 
-LOG_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--val_tokens=1024",
-           "--total_batch_size=128", "--dtype=float32", "--device=cpu", "--num_samples=0", "--warmup_steps=1",
-           "--eval_interval=2", "--checkpoint_interval=2"]
+LOG_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+           "--val_tokens=1024", "--total_batch_size=128", "--dtype=float32", "--device=cpu",
+           "--num_samples=0", "--warmup_steps=1", "--eval_interval=2", "--checkpoint_interval=2"]
 
 
 def notebook_function(name):
