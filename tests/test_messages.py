@@ -112,3 +112,9 @@ def test_eval_only_without_weights_is_one_line_exit_2(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--eval_only=true" in err and "--resume=PATH or --init_from=NAME" in err
     assert not (tmp_path / "log").exists()
+
+
+def test_tiny_shards_preset_leaves_its_warmup_in_a_short_run():
+    c = train_gpt2.parse_args(["--preset=tiny-shards", "--data=my_shards"])
+    assert c.data == "my_shards" and c.warmup_steps == 20 < 40 and c.val_tokens == 65_536
+    assert train_gpt2.get_lr(39, c) == c.max_lr  # at step 39 of 300 the LR is at its peak, not in warmup
