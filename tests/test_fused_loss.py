@@ -142,7 +142,7 @@ def test_under_torch_compile():
 
 
 def ignoring(targets, every=3):
-    """targets with every 3rd row set to -1, nanoGPT's ignore_index, and the last chunk of 7 rows all ignored."""
+    """targets with every 3rd row set to -1 (nanoGPT's ignore_index), the last 7 rows all ignored."""
     targets = targets.clone()
     targets[::every] = -1
     targets[-7:] = -1

@@ -142,19 +142,22 @@ def test_metrics_jsonl_and_config_json_follow_log_txt_through_a_branch(tmp_path)
     assert [json.loads(s)["step"] for s in superseded if '"train"' in s] == [2, 3]
 
 
-def test_wandb_offline_gets_every_point(tmp_path, monkeypatch):
+def test_wandb_offline_gets_every_point(tmp_path):
     pytest.importorskip("wandb")
     data, log_dir = tmp_path / "input.txt", tmp_path / "log"
     shutil.copy(SHAKESPEARE, data)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    assert train_gpt2.main([f"--data={data}", f"--log_dir={log_dir}", *LOG_RUN, "--max_steps=3",
-                            "--wandb_project=tiny", "--wandb_run_name=tiny-run"]) == 0
+    import subprocess
+    # a process of its own, as a user runs it: wandb's writer has flushed the run file when it exits
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={data}",
+                          f"--log_dir={log_dir}", *LOG_RUN, "--max_steps=3", "--wandb_project=tiny",
+                          "--wandb_run_name=tiny-run"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     raw = run.read_bytes()  # protobuf records: the keys and JSON values are stored as plain bytes
     _, rows = points(log_dir)
-    assert all(key in raw for key in (b"train/loss", b"val/loss", b"train/lr", b"tiny-run"))
+    for key in (b"train/loss", b"val/loss", b"train/lr", b"tiny-run"):
+        assert key in raw, (key, len(raw))
     for r in rows:  # each point's value as JSON, as wandb writes it
         assert json_bytes(r["value"]) in raw, r
 

@@ -182,9 +182,9 @@ def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shake
            *TINY, "--dtype=bfloat16", "--block_size=128", "--total_batch_size=512"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("sample: ") == 3 and "hellaswag acc_norm" in out.stdout  # steps 0, 1 and 2 (the end)
+    assert out.stdout.count("sample: ") == 3 and "hellaswag acc_norm" in out.stdout  # steps 0, 1, 2 (the end)
     hella = [l.split() for l in (log_dir / "log.txt").read_text().splitlines() if " hella " in l]
-    assert [h[0] for h in hella] == ["0", "1"] and all(0 <= float(h[2]) <= 1 for h in hella)
+    assert [h[0] for h in hella] == ["0", "1", "2"] and all(0 <= float(h[2]) <= 1 for h in hella)
 
 
 CHURN = """
