@@ -356,3 +356,88 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's log: log.txt, metrics.jsonl, config.json, and Weights & Biases when asked for
+
+
+class Log:
+    """
+    What a run reports, written by rank 0 (master) only, appended, never truncated:
+    - log.txt: build-nanogpt's "{step} {kind} {value}" lines (train, val, hella), which play.ipynb reads;
+    - metrics.jsonl: the same points as JSON objects with more fields: step, kind, tokens (seen before that
+      step), value, and for train lr, norm, dt_ms, tok_s; for hella n, the items scored;
+    - config.json: the run's resolved config, rewritten (temp + rename) when a run starts or resumes;
+    - with wandb_project, every point also goes to Weights & Biases (wandb is imported only then).
+    start: a training run, whose metrics.jsonl is lined up with the log.txt RunDir.begin() left (rows of
+    steps run again, or of another line, move to metrics.jsonl.superseded); False: an --eval_only run.
+    """
+
+    def __init__(self, log_dir, config, tokens_per_step, master=True, wandb_project="", wandb_run_name="",
+                 start=True):
+        self.dir, self.tokens_per_step, self.master, self.wandb = log_dir, tokens_per_step, master, None
+        if not master:
+            return
+        if start:
+            self._line_up()
+            tmp = os.path.join(log_dir, f"config.json.{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(config, f, indent=1)
+            os.replace(tmp, os.path.join(log_dir, "config.json"))
+        if wandb_project:
+            import wandb
+            self.wandb = wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+
+    def train(self, step, loss, **metrics):
+        """One optimizer step: its loss and what else the console line shows (lr, norm, dt_ms, tok_s)."""
+        self._add(step, "train", loss, f"{loss:.6f}", metrics)
+
+    def eval(self, step, kind, value, **extra):
+        """An eval at step (the weights after step steps): kind val or hella."""
+        self._add(step, kind, value, f"{value:.4f}", extra)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def _add(self, step, kind, value, text, extra):
+        if not self.master:
+            return
+        append_log(os.path.join(self.dir, "log.txt"), f"{step} {kind} {text}")
+        row = {"step": step, "kind": kind, "tokens": step * self.tokens_per_step, "value": value, **extra}
+        append_log(os.path.join(self.dir, "metrics.jsonl"), json.dumps(row))
+        if self.wandb is not None:
+            name = {"train": "train/loss", "val": "val/loss", "hella": "hellaswag/acc_norm"}[kind]
+            self.wandb.log({name: value, "tokens": row["tokens"],
+                            **{f"{kind}/{k}": v for k, v in extra.items()}}, step=step)
+
+    def _line_up(self):
+        """Keeps the metrics.jsonl rows whose (step, kind) log.txt still holds; the others move aside."""
+        path, log = os.path.join(self.dir, "metrics.jsonl"), os.path.join(self.dir, "log.txt")
+        if not os.path.exists(path):
+            return
+        held = set()
+        if os.path.exists(log):
+            with open(log) as f:
+                held = {tuple(line.split()[:2]) for line in f if line.strip()}
+        with open(path) as f:
+            rows = [line for line in f if line.strip()]
+        keep = [line for line in rows if _point(line) in held]
+        if len(keep) == len(rows):
+            return
+        with open(path + ".superseded", "a") as side:
+            side.writelines(line for line in rows if _point(line) not in held)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def _point(line):
+    """(step, kind) of a metrics.jsonl row, as log.txt spells them; None for a line that is not one."""
+    try:
+        row = json.loads(line)
+        return str(row["step"]), row["kind"]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -80,10 +80,13 @@ class TrainConfig:
     eval_interval: int = 250  # steps between val loss / HellaSwag / samples
     hellaswag: bool = False  # HellaSwag acc_norm at each eval (needs hellaswag.py and its data)
     hellaswag_path: str = ""  # local hellaswag_val.jsonl; empty downloads it
+    eval_only: bool = False  # score --resume's or --init_from's weights (val, --hellaswag), log them, exit
     num_samples: int = 4  # samples printed at each eval
     sample_tokens: int = 32  # tokens per sample
     sample_prompt: str = "Hello, I'm a language model,"  # the samples continue this text
-    log_dir: str = "log"  # log.txt and checkpoints go here
+    log_dir: str = "log"  # log.txt, metrics.jsonl, config.json and checkpoints go here
+    wandb_project: str = ""  # also log to this Weights & Biases project (nanoGPT's wandb_project, wandb_log)
+    wandb_run_name: str = ""  # the W&B run's name; empty: wandb picks one
     checkpoint_interval: int = 5000  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 3  # newest checkpoints kept in log_dir; 0 keeps all
     resume: str = ""  # "--resume" alone: newest checkpoint of the run in log_dir; or a checkpoint path
@@ -96,7 +99,7 @@ class TrainConfig:
     compile: typing.Optional[bool] = None  # torch.compile; unset: on for cuda only
     zero1: bool = False  # shard optimizer state across ranks (ZeroRedundancyOptimizer)
     skip_nonfinite: bool = False  # skip a step with a NaN/inf loss or grad norm instead of stopping
-    stop_step: int = 0  # checkpoint and stop after this step (to split a run into jobs); 0: run to max_steps
+    stop_step: int = 0  # checkpoint and stop once this many steps are done (after step N-1; a run in jobs)
     verify_shards: bool = False  # check every shard's sha256 against fineweb.py's manifest.json at start-up
     seed: int = 1337  # seeds the weights, the data order (--shuffle) and the samples
 
@@ -111,6 +114,12 @@ PRESETS = {
         min_lr_ratio=0.0, checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
         compile=True,  # on a CPU too: faster steps after a ~30 s compile
     ),
+    # the shakespeare model on your own fineweb.py shards (--data=FOLDER): a warmup of 20 steps, not 715,
+    # so a short run leaves it; eval on 64k val tokens, not 10M
+    "tiny-shards": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=4096,
+                        max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50, val_tokens=65_536,
+                        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,
+                        checkpoint_interval=100, num_samples=2, sample_tokens=48, compile=True),
     # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records, for 2B tokens;
     # measured at small scale only (docs/muon.md)
     "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, muon_weight_decay=0.0, warmup_steps=0,
@@ -601,10 +610,10 @@ def val_windows(sources, B, T, val_tokens):
     """How many B*T windows the validation stream gives, capped at val_tokens."""
     total = sum(len(s) for s in sources)
     n = min(val_tokens, total - 1) // (B * T)
-    if n == 0:
-        raise ConfigError(f"--val_tokens={val_tokens} or the val split ({total} tokens) is smaller than one "
-                          f"batch of --batch_size*--block_size={B * T} tokens; raise --val_tokens or lower "
-                          f"--batch_size")
+    if n == 0:  # a larger --val_tokens cannot help a split shorter than one batch
+        short, fix = ((f"--val_tokens={val_tokens}", "raise --val_tokens") if val_tokens < total - 1 else
+                      (f"the val split ({total} tokens)", "lower --batch_size or --block_size"))
+        raise ConfigError(f"{short} is smaller than one batch of --batch_size*--block_size={B * T} tokens; {fix}")
     return n
 
 
@@ -624,7 +633,7 @@ def build_data(cfg, B, T, rank, world_size):
     if sum(len(s) for s in train) <= B * T:
         raise ConfigError(f"--data={cfg.data}: its train split is smaller than one batch of "
                           f"--batch_size*--block_size"
-                          f"={B * T} tokens; lower --batch_size or add data")
+                          f"={B * T} tokens; lower --batch_size or --block_size, or add data")
     if cfg.eval_interval > 0:
         val_windows(val, B, T, cfg.val_tokens)  # now, not at the first eval
     loader = DataLoaderLite(train, B, T, rank, world_size, shuffle=cfg.shuffle, seed=cfg.seed)
@@ -765,6 +774,7 @@ class Run:
     val_sources: list = None
     hellaswag_items: list = None
     folder: typing.Any = None  # run_dir.RunDir on rank 0, None on the others
+    log: typing.Any = None  # run_dir.Log: log.txt, metrics.jsonl, W&B (writes on rank 0 only)
 
 
 def resolve_resume(cfg, explicit):
@@ -866,7 +876,7 @@ def print_start(r, ckpt, start_step, peak):
     print0(f"model: {r.raw_model.num_params() / 1e6:.2f}M params | device {r.d.device} x {r.d.world_size} | "
            f"grad accum {r.grad_accum} | micro-batch {r.B}{'' if cfg.batch_size else ' (auto)'} | "
            f"{cfg.total_batch_size} tokens/step | measured peak {peak / 1e12:.2f} TFLOP/s per device"
-           + (f" | resuming at step {start_step}" if ckpt else ""))
+           + (f" | {'evaluating' if cfg.eval_only else 'resuming'} at step {start_step}" if ckpt else ""))
     if cfg.warmup_steps >= cfg.max_steps:
         end = get_lr(cfg.max_steps - 1, cfg)
         print0(f"warning: --warmup_steps={cfg.warmup_steps} >= --max_steps={cfg.max_steps}: the LR never "
@@ -900,11 +910,9 @@ def nonfinite_error(r, step, what):
 def evaluate(r, step):
     """Val loss (every rank), HellaSwag and samples at an eval step; returns the val loss."""
     cfg, d = r.cfg, r.d
-    log_path = os.path.join(cfg.log_dir, "log.txt")
     val_loss = evaluate_loss(r.compiled, r.val_sources, r.B, r.T, cfg.val_tokens, d, r.autocast)
     print0(f"step {step} | val loss {val_loss:.4f}")
-    if d.master:
-        run_dir.append_log(log_path, f"{step} val {val_loss:.4f}")
+    r.log.eval(step, "val", val_loss)
     if r.hellaswag_items is not None:
         import hellaswag
         counts = hellaswag.evaluate_counts(r.raw_model, r.hellaswag_items, d.device, d.rank, d.world_size,
@@ -912,8 +920,7 @@ def evaluate(r, step):
         acc_norm = counts["correct_norm"] / max(1, counts["total"])
         print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} "
                f"({counts['correct_norm']}/{counts['total']})")
-        if d.master:
-            run_dir.append_log(log_path, f"{step} hella {acc_norm:.4f}")
+        r.log.eval(step, "hella", acc_norm, n=counts["total"])
     if d.master and cfg.num_samples > 0:
         with r.autocast:
             for text in sample_texts(r.raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
@@ -989,25 +996,38 @@ def train(cfg, explicit=None):
     ckpt = None
     if cfg.resume:
         ckpt, cfg = resolve_resume(cfg, explicit or {})
+    if cfg.eval_only and ckpt is None and cfg.init_from == "scratch":
+        raise ConfigError("--eval_only=true scores given weights: pass --resume=PATH or --init_from=NAME")
     validate_config(cfg)
     r = set_up(cfg)
     d = r.d
     r.loader, r.val_sources = build_data(cfg, r.B, r.T, d.rank, d.world_size)  # bad --data: before the model
     build_model(r, ckpt)
-    start_step, val_loss = restore(r, ckpt)
+    start_step, val_loss = (ckpt["step"] if ckpt else 0, None) if cfg.eval_only else restore(r, ckpt)
+    if ckpt is not None and not cfg.eval_only and start_step >= min(cfg.max_steps, cfg.stop_step or math.inf):
+        n = start_step  # nothing to run, so nothing is written
+        print0(f"{cfg.resume}: the run is complete at --max_steps={cfg.max_steps} ({n} steps done); to train "
+               f"longer, pass --max_steps=N (N > {n}) with --resume" if n >= cfg.max_steps else
+               f"{cfg.resume}: {n} steps are done, --stop_step={cfg.stop_step} asks for none; raise it")
+        return {"step": n - 1, "val_loss": val_loss}
     r.hellaswag_items = load_hellaswag(cfg, d)
-    if d.master:  # rank 0 locks log_dir, picks this run's checkpoint names and lines the log up with them
+    if d.master and not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up
         r.folder = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over)
         r.folder.begin()
     flops_per_step = r.raw_model.flops_per_token() * cfg.total_batch_size
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print_start(r, ckpt, start_step, peak)
+    r.log = run_dir.Log(cfg.log_dir, dataclasses.asdict(cfg), cfg.total_batch_size, d.master,
+                        cfg.wandb_project, cfg.wandb_run_name, start=not cfg.eval_only)
+    if cfg.eval_only:  # the weights scored and logged: no checkpoint written, no file moved
+        return {"step": start_step, "val_loss": evaluate(r, start_step)}
     stop = StopSignal(install=d.master or d.world_size > 1)
 
     step_times, step = [], start_step
+    scored = ckpt is not None and start_step == ckpt["config"]["max_steps"]  # its run's final eval: logged
     for step in range(start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
-        if cfg.eval_interval > 0 and (step % cfg.eval_interval == 0 or last_step):
+        if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and not (scored and step == start_step):
             val_loss = evaluate(r, step)
         # one optimizer step
         t0 = time.perf_counter()
@@ -1022,8 +1042,9 @@ def train(cfg, explicit=None):
         mfu = flops_per_step / dt / (peak * d.world_size)
         print0(f"step {step}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
-        if d.master:
-            run_dir.append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
+        r.log.train(step, loss_val, lr=lr, norm=norm_val, dt_ms=dt * 1000, tok_s=cfg.total_batch_size / dt)
+        if last_step and cfg.eval_interval > 0:  # the weights the last checkpoint holds, after the last step
+            val_loss = evaluate(r, step + 1)
         # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
         flag = torch.tensor([stop.signum], device=d.device)
         if d.world_size > 1:
@@ -1034,8 +1055,8 @@ def train(cfg, explicit=None):
             checkpoint(r, step + 1, val_loss)
         if stopping:
             signum = int(flag.item())
-            print0(f"stopped after step {step + 1}" + (f" on signal {signum}" if signum else "")
-                   + "; continue with --resume")
+            print0(f"stopped after step {step} ({step + 1} steps done)"
+                   + (f" on signal {signum}" if signum else "") + "; continue with --resume")
             break
 
     # finish
@@ -1051,6 +1072,7 @@ def train(cfg, explicit=None):
         # can abort ("terminate called without an active exception") and fail the whole job
         dist.barrier()
         dist.destroy_process_group()
+    r.log.close()
     if r.folder:
         r.folder.close()
     return summary

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chunked_loss import chunked_cross_entropy
+from chunked_loss import chunked_cross_entropy, token_losses
 from train_gpt2 import GPT, GPTConfig
 
 N, C, V, V_PADDED = 300, 32, 1000, 1024  # 300 rows: chunks of 128 leave a short last one
@@ -139,3 +139,41 @@ def test_under_torch_compile():
             want = loss_and_grads(chunked(128, padded), x, w, targets, autocast=autocast)
             for a, b in zip(got, want):
                 assert rel_err(a, b) < (1e-5 if not autocast else 1e-2)
+
+
+def ignoring(targets, every=3):
+    """targets with every 3rd row set to -1 (nanoGPT's ignore_index), the last 7 rows all ignored."""
+    targets = targets.clone()
+    targets[::every] = -1
+    targets[-7:] = -1
+    return targets
+
+
+@WIDTHS
+@pytest.mark.parametrize("chunk_rows", [N, 128, 7])
+def test_ignore_index_minus_1_equals_f_cross_entropy(chunk_rows, padded):
+    x, w, targets = inputs()
+    targets = ignoring(targets)
+    loss, gx, gw = loss_and_grads(chunked(chunk_rows, padded), x, w, targets)
+    ref = lambda x, w, t: F.cross_entropy((x @ w.t())[:, :V].float(), t, ignore_index=-1)  # noqa: E731
+    ref_loss, ref_gx, ref_gw = loss_and_grads(ref, x, w, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)  # the mean over the rows kept
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-7)
+    assert torch.all(gx[targets == -1] == 0)  # an ignored row: exactly no gradient
+    with torch.no_grad():  # the evaluation path and the per-token losses
+        torch.testing.assert_close(chunked(chunk_rows)(x, w, targets), ref_loss, rtol=1e-6, atol=1e-6)
+        per_token = token_losses(x, w, targets, V, chunk_rows)
+        want = F.cross_entropy((x @ w.t())[:, :V], targets, ignore_index=-1, reduction="none")
+        torch.testing.assert_close(per_token, want, rtol=1e-5, atol=1e-6)
+        assert torch.all(per_token[targets == -1] == 0)
+
+
+def test_all_ignored_is_nan_as_f_cross_entropy():
+    x, w, targets = inputs()
+    targets = torch.full_like(targets, -1)
+    assert F.cross_entropy((x @ w.t())[:, :V], targets, ignore_index=-1).isnan()
+    loss, gx, _ = loss_and_grads(chunked(128), x, w, targets)
+    assert loss.isnan()
+    with torch.no_grad():
+        assert chunked(128)(x, w, targets).isnan()

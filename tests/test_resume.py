@@ -43,7 +43,7 @@ def assert_identical(ref_dir, log_dir):
 def test_stop_then_resume_is_bitwise_identical(reference, tmp_path):
     data, ref_dir = reference
     out = run(args(data, tmp_path, ["--stop_step=3"]))
-    assert "stopped after step 3" in out.stdout and os.path.exists(tmp_path / "ckpt_000003.pt")
+    assert "stopped after step 2 (3 steps done)" in out.stdout and os.path.exists(tmp_path / "ckpt_000003.pt")
     out = run(args(data, tmp_path, ["--resume"]))  # newest checkpoint in log_dir
     assert "resuming at step 3" in out.stdout
     assert_identical(ref_dir, tmp_path)

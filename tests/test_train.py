@@ -105,7 +105,7 @@ def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
     lines = (log_dir / "log.txt").read_text().split("\n")
     train = [l for l in lines if " train " in l]
     assert [int(l.split()[0]) for l in train] == list(range(6))
-    assert [l.split()[0] for l in lines if " val " in l] == ["0", "3", "5"]
+    assert [l.split()[0] for l in lines if " val " in l] == ["0", "3", "6"]  # 6: after the last step
     # one numbering: the console's steps and losses are log.txt's, and so is the summary's last val loss
     console = [l.split(" | ")[:2] for l in out.stdout.splitlines() if l.startswith("step ") and "/6 | loss" in l]
     assert [(c[0], c[1]) for c in console] == [(f"step {s}/6", f"loss {float(v):.4f}") for s, _, v in map(str.split, train)]
@@ -182,9 +182,9 @@ def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shake
            *TINY, "--dtype=bfloat16", "--block_size=128", "--total_batch_size=512"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("sample: ") == 2 and "hellaswag acc_norm" in out.stdout
+    assert out.stdout.count("sample: ") == 3 and "hellaswag acc_norm" in out.stdout  # steps 0, 1, 2 (the end)
     hella = [l.split() for l in (log_dir / "log.txt").read_text().splitlines() if " hella " in l]
-    assert [h[0] for h in hella] == ["0", "1"] and all(0 <= float(h[2]) <= 1 for h in hella)
+    assert [h[0] for h in hella] == ["0", "1", "2"] and all(0 <= float(h[2]) <= 1 for h in hella)
 
 
 CHURN = """
