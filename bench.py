@@ -637,7 +637,8 @@ def run_check(args, device, hf_weights, flops_per_token, report, budget, log):
     (d) Hugging Face bf16 autocast; (e) HellaSwag scoring; (f) Hugging Face fp32, last.
     """
     from device import auto_batch_size, predicted_peak_bytes
-    from train_gpt2 import DistInfo, TrainConfig
+    from device import DistInfo
+    from train_gpt2 import TrainConfig
     known = known_rungs(args)
     plain, ours = known["fused-adamw"], known["chunked-ce"]
     device_type = torch.device(device).type

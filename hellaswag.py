@@ -341,13 +341,14 @@ def parse_args(argv):
 
 
 def main(argv):
+    import device
     import train_gpt2
     from gpt2_tokenizer import TokenizerFilesError
     try:
         args = parse_args(argv)
         items = load_items(args.data_path)
         items = items[:args.limit] if args.limit else items
-        d = train_gpt2.setup_distributed(args.device)  # one process, or every rank under torchrun
+        d = device.setup_distributed(args.device)  # one process, or every rank under torchrun
         if args.benchmark:
             benchmark(items[:args.limit or 64], d.device, args.batch_size, repeats=args.repeats)
             return 0

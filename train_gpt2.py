@@ -11,7 +11,6 @@ Importing this file runs nothing: `from train_gpt2 import GPT, GPTConfig`.
 """
 
 import dataclasses
-import datetime
 import inspect
 import json
 import math
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 
 import flags
 import run_dir
-from chunked_loss import chunked_cross_entropy, token_losses  # the head and its loss, no full logits
-from device import auto_batch_size, measure_peak_flops, reuse_freed_memory
+from chunked_loss import chunked_cross_entropy  # the head and its loss, with no full logits
+from device import DistInfo, auto_batch_size, measure_peak_flops, reuse_freed_memory, setup_distributed
 from run_dir import ConfigError
 from muon import Muon, Optimizers  # --optimizer=muon
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
@@ -694,54 +693,7 @@ def model_from_checkpoint(path, device="cpu"):
     return model.to(device)
 
 # ----------------------------------------------------------------------------------------------
-# Distributed setup and small helpers
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str
-    device_type: str  # "cuda", "mps" or "cpu": what autocast and the fused checks want
-    master: bool
-
-
-def setup_distributed(device="auto", backend="auto", timeout_s=600):
-    """Reads torchrun's environment; one process without it. NCCL on CUDA, gloo on CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
-    device_type = device.split(":")[0]
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise ConfigError(f"--device={device}: expected auto, cpu, cuda, cuda:N or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[device_type]:
-        raise ConfigError(f"--device={device}: no {device_type.upper()} device is available here; "
-                          f"use --device=cpu")
-    if "RANK" not in os.environ:
-        if device_type == "cuda" and device != "cuda":
-            # cuda:N: made the current GPU, else synchronize(), the memory stats, the peak probe and a
-            # stray context would all be on GPU 0
-            index = device.split(":", 1)[1]
-            if not index.isdigit() or int(index) >= torch.cuda.device_count():
-                raise ConfigError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA "
-                                  f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-            torch.cuda.set_device(int(index))
-        return DistInfo(0, 0, 1, device, device_type, True)
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    if backend == "auto":
-        backend = "nccl" if device_type == "cuda" else "gloo"
-    # a rank that waits longer than timeout_s for the others fails the job instead of hanging it
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank, local_rank, world, device, device_type, rank == 0)
+# Small helpers
 
 
 def fmt_count(x):

@@ -182,8 +182,9 @@ def time_steps(args):
     under torchrun, DDP over gloo, and Muon twice: sharded, and with every rank orthogonalizing all."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
+    import device
     import train_gpt2 as tg
-    d = tg.setup_distributed("cpu")
+    d = device.setup_distributed("cpu")
     torch.manual_seed(0)
     cfg = tg.GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128)
     x = torch.randint(0, cfg.vocab_size, (16, 128))

@@ -3,9 +3,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train_gpt2
-from device import auto_batch_size, measure_peak_flops
-from train_gpt2 import ConfigError, DistInfo, TrainConfig, setup_distributed
+from device import DistInfo, auto_batch_size, measure_peak_flops, setup_distributed
+from train_gpt2 import ConfigError, TrainConfig
 
 GB = 10 ** 9
 

@@ -10,7 +10,8 @@ import torch
 import fineweb
 import train_gpt2
 from test_fineweb import random_docs, write_jsonl
-from train_gpt2 import (EOT, ConfigError, DataLoaderLite, DistInfo, GPT, GPTConfig, Source, build_data,
+from device import DistInfo
+from train_gpt2 import (EOT, ConfigError, DataLoaderLite, GPT, GPTConfig, Source, build_data,
                         evaluate_loss, find_shards, load_shard)
 
 

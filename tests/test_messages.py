@@ -9,7 +9,8 @@ import pytest
 import train_gpt2
 from conftest import SHAKESPEARE
 from helpers_run import read_log
-from train_gpt2 import ConfigError, DistInfo, Source, val_windows
+from device import DistInfo
+from train_gpt2 import ConfigError, Source, val_windows
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--total_batch_size=128", "--val_tokens=1024", "--dtype=float32", "--device=cpu", "--num_samples=0",

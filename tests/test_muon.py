@@ -94,7 +94,8 @@ DDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from train_gpt2 import GPT, GPTConfig, setup_distributed
+    from device import setup_distributed
+    from train_gpt2 import GPT, GPTConfig
     d = setup_distributed("cpu")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=2, n_head=2, n_embd=32))

@@ -191,8 +191,8 @@ def test_resuming_an_init_from_run_never_reads_the_source_again(data, tmp_path):
 
 STALL = """
 import sys, time, torch, torch.distributed as dist
-import train_gpt2
-d = train_gpt2.setup_distributed("cpu", "gloo", timeout_s=2)
+import device
+d = device.setup_distributed("cpu", "gloo", timeout_s=2)
 if d.rank == 1:
     time.sleep(60)  # stalled: never joins the all-reduce
 t0 = time.time()
