@@ -1012,18 +1012,29 @@ def train_step(r, step):
     return loss_accum, norm, lr
 
 
-def update(r, step, loss_val, norm_val):
-    """The optimizer step, unless the loss or grad norm is NaN/inf: then stop (or skip: --skip_nonfinite)."""
+def update(r, step, loss, norm, flag):
+    """The optimizer step and the step's one host sync: (loss, grad norm, stop flag) as Python floats.
+
+    The step is queued before the sync, so the GPU never waits for the host to launch the optimizer; a NaN/inf
+    then stops the run, and checkpoint() is never reached with those weights. --skip_nonfinite reads first
+    and steps only if all is finite: a NaN step is never applied, at the price of that wait."""
+    skip = r.cfg.skip_nonfinite
+    if not skip:
+        r.optimizer.step()
+    loss_val, norm_val, signum = torch.cat([loss.view(1), norm.view(1), flag]).tolist()  # same on every rank
     if math.isfinite(loss_val) and math.isfinite(norm_val):
-        return r.optimizer.step()
+        if skip:
+            r.optimizer.step()
+        return loss_val, norm_val, signum
     what = f"non-finite loss {loss_val} / grad norm {norm_val}"
+    if not skip:
+        raise nonfinite_error(r, step, what + " (--skip_nonfinite=true skips such steps)")
     bad = run_dir.first_nonfinite(r.raw_model.state_dict())
     if bad:  # skipping cannot help: the weights themselves are gone
         raise nonfinite_error(r, step, f"{what}: weight {bad} is NaN or inf")
-    if not r.cfg.skip_nonfinite:
-        raise nonfinite_error(r, step, what + " (--skip_nonfinite=true skips such steps)")
     print0(f"step {step}: {what} -- step skipped (--skip_nonfinite)")
     r.optimizer.zero_grad(set_to_none=True)
+    return loss_val, norm_val, signum
 
 
 def checkpoint(r, steps_done, val_loss):
@@ -1070,10 +1081,11 @@ def train(cfg, explicit=None):
         # one optimizer step
         t0 = time.perf_counter()
         loss_accum, norm, lr = train_step(r, step)
-        loss_val, norm_val = loss_accum.item(), norm.item()  # same on every rank: all-reduced
-        update(r, step, loss_val, norm_val)
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
+        # all ranks agree on stopping: a signal seen by any rank stops them all after this step
+        flag = torch.full((1,), float(stop.signum), device=d.device)  # a fill kernel: no copy, no host sync
+        if d.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        loss_val, norm_val, signum = update(r, step, loss_accum, norm, flag)  # the step's one host sync
         dt = time.perf_counter() - t0
         step_times.append(dt)
         # log
@@ -1082,11 +1094,8 @@ def train(cfg, explicit=None):
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
         if d.master:
             run_dir.append_log(os.path.join(cfg.log_dir, "log.txt"), f"{step} train {loss_val:.6f}")
-        # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
-        flag = torch.tensor([stop.signum], device=d.device)
-        if d.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = bool(flag.item()) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
+        # checkpoint
+        stopping = bool(signum) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
         due = cfg.checkpoint_interval > 0 and (step + 1) % cfg.checkpoint_interval == 0
         if stopping or last_step or due:
             checkpoint(r, step + 1, val_loss)
