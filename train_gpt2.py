@@ -883,6 +883,8 @@ def build_model(r, ckpt):
         cfg.compile if cfg.compile is not None else d.device_type == "cuda") else raw_model
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # compile is lazy: the training graph is traced inside DDP's forward, where dynamo splits it at DDP's
+        # buckets, so each bucket's all-reduce overlaps the rest of the backward (docs/performance.md)
         r.model = DDP(r.compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     bf16 = cfg.dtype == "bfloat16" and d.device_type != "mps"  # Newton-Schulz in bf16 if the run is (not MPS)
     muon = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum,
