@@ -785,6 +785,8 @@ def build_model(r, ckpt):
         cfg.compile if cfg.compile is not None else d.device_type == "cuda") else raw_model
     if d.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # compile is lazy: the training graph is traced inside DDP's forward, where dynamo splits it at DDP's
+        # buckets, so each bucket's all-reduce overlaps the rest of the backward (docs/performance.md)
         r.model = DDP(r.compiled, device_ids=[d.local_rank] if d.device_type == "cuda" else None)
     # Newton-Schulz in bf16 if the run is (not MPS); compiled with the model, on CUDA only (on a CPU its
     # compile does not pay back in a short run)
@@ -913,18 +915,29 @@ def train_step(r, step):
     return loss_accum, norm, lr
 
 
-def update(r, step, loss_val, norm_val):
-    """The optimizer step, unless the loss or grad norm is NaN/inf: then stop (or skip: --skip_nonfinite)."""
+def update(r, step, loss, norm, flag):
+    """The optimizer step and the step's one host sync: (loss, grad norm, stop flag) as Python floats.
+
+    The step is queued before the sync, so the GPU never waits for the host to launch the optimizer; a NaN/inf
+    then stops the run, and checkpoint() is never reached with those weights. --skip_nonfinite reads first
+    and steps only if all is finite: a NaN step is never applied, at the price of that wait."""
+    skip = r.cfg.skip_nonfinite
+    if not skip:
+        r.optimizer.step()
+    loss_val, norm_val, signum = torch.cat([loss.view(1), norm.view(1), flag]).tolist()  # same on every rank
     if math.isfinite(loss_val) and math.isfinite(norm_val):
-        return r.optimizer.step()
+        if skip:
+            r.optimizer.step()
+        return loss_val, norm_val, signum
     what = f"non-finite loss {loss_val} / grad norm {norm_val}"
+    if not skip:
+        raise nonfinite_error(r, step, what + " (--skip_nonfinite=true skips such steps)")
     bad = run_dir.first_nonfinite(r.raw_model.state_dict())
     if bad:  # skipping cannot help: the weights themselves are gone
         raise nonfinite_error(r, step, f"{what}: weight {bad} is NaN or inf")
-    if not r.cfg.skip_nonfinite:
-        raise nonfinite_error(r, step, what + " (--skip_nonfinite=true skips such steps)")
     print0(f"step {step}: {what} -- step skipped (--skip_nonfinite)")
     r.optimizer.zero_grad(set_to_none=True)
+    return loss_val, norm_val, signum
 
 
 def checkpoint(r, steps_done, val_loss):
@@ -984,10 +997,11 @@ def train(cfg, explicit=None):
         # one optimizer step
         t0 = time.perf_counter()
         loss_accum, norm, lr = train_step(r, step)
-        loss_val, norm_val = loss_accum.item(), norm.item()  # same on every rank: all-reduced
-        update(r, step, loss_val, norm_val)
-        if d.device_type == "cuda":
-            torch.cuda.synchronize()
+        # all ranks agree on stopping: a signal seen by any rank stops them all after this step
+        flag = torch.full((1,), float(stop.signum), device=d.device)  # a fill kernel: no copy, no host sync
+        if d.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        loss_val, norm_val, signum = update(r, step, loss_accum, norm, flag)  # the step's one host sync
         dt = time.perf_counter() - t0
         step_times.append(dt)
         # log
@@ -997,16 +1011,12 @@ def train(cfg, explicit=None):
         r.log.train(step, loss_val, lr=lr, norm=norm_val, dt_ms=dt * 1000, tok_s=cfg.total_batch_size / dt)
         if last_step and cfg.eval_interval > 0:  # the weights the last checkpoint holds, after the last step
             val_loss = evaluate(r, step + 1)
-        # checkpoint; all ranks agree on stopping: a signal seen by any rank stops them all after this step
-        flag = torch.tensor([stop.signum], device=d.device)
-        if d.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = bool(flag.item()) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
+        # checkpoint
+        stopping = bool(signum) or (cfg.stop_step > 0 and step + 1 >= cfg.stop_step)
         due = cfg.checkpoint_interval > 0 and (step + 1) % cfg.checkpoint_interval == 0
         if stopping or last_step or due:
             checkpoint(r, step + 1, val_loss)
         if stopping:
-            signum = int(flag.item())
             print0(f"stopped after step {step} ({step + 1} steps done)"
                    + (f" on signal {signum}" if signum else "") + "; continue with --resume")
             break

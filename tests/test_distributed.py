@@ -1,8 +1,11 @@
 """torchrun with gloo on CPU: 2 ranks compute exactly what 1 process with twice the accumulation does."""
+import re
+import subprocess
+
 import pytest
 import torch
 
-from helpers_run import final_params, read_log, run
+from helpers_run import ENV, command, final_params, read_log, run
 from test_train import TINY, shakespeare  # noqa: F401  (fixture)
 
 STEPS = 6
@@ -43,6 +46,24 @@ def test_ddp_two_ranks_equal_one_process(single_process, tmp_path):
     out = run(args(data, tmp_path), nproc=2)
     assert "x 2 | grad accum 2" in out.stdout  # 2 ranks x accum 2 == 1 x accum 4
     assert out.stdout.count("step 5/6 | loss") == 1  # only rank 0 prints
+    assert_same_run(single_dir, tmp_path, atol=1e-5)
+
+
+def test_compiled_over_two_ranks_is_split_at_ddp_buckets(single_process, tmp_path):
+    """--compile with gloo on a CPU: the training graph, traced inside DDP's forward, is cut at DDP's gradient
+    buckets (so each bucket's all-reduce can overlap the rest of the backward); one recompile (eval, then
+    training: grad mode), no graph break, and the same run as 1 eager process."""
+    data, single_dir = single_process
+    env = {**ENV, "TORCH_LOGS": "recompiles,graph_breaks,torch._dynamo.backends.distributed"}
+    out = subprocess.run(command(args(data, tmp_path, ["--compile=true"]), nproc=2), capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for rank in (0, 1):
+        lines = [line for line in out.stderr.splitlines() if line.startswith(f"[rank{rank}]:")]
+        buckets = [int(n) for line in lines for n in re.findall(r"created (\d+) buckets", line)]
+        assert len(buckets) == 1 and buckets[0] >= 2, out.stderr[-4000:]  # the tiny model: ~6.5 MB, 2 buckets
+        assert sum("Recompiling function forward" in line for line in lines) == 1
+        assert not any("Graph break" in line for line in lines)
     assert_same_run(single_dir, tmp_path, atol=1e-5)
 
 
