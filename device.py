@@ -103,6 +103,19 @@ def measure_peak_flops(device, dtype, n=None, iters=10):
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
+def set_numerics(device_type):
+    """TF32 matmuls on CUDA; on a CPU, freed memory kept for the next step and kernels that repeat bitwise."""
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x fp32 on A100/H100
+        torch.backends.cudnn.allow_tf32 = True
+    elif device_type == "cpu":
+        reuse_freed_memory()  # the step's freed buffers stay for the next step, no page faults
+        # compiled CPU kernels add the embeddings' gradients with atomics, in an order that varies from
+        # run to run; in deterministic mode inductor uses the ordered kernel, and a CPU run repeats bitwise
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-filling of new tensors
+
+
 def reuse_freed_memory():
     """
     Have glibc's malloc keep freed blocks of up to 32 MiB for the next step instead of handing them back to

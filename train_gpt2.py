@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import flags
 import run_dir
 from chunked_loss import chunked_cross_entropy  # the head and its loss, with no full logits
-from device import DistInfo, auto_batch_size, measure_peak_flops, reuse_freed_memory, setup_distributed
+from device import DistInfo, auto_batch_size, measure_peak_flops, set_numerics, setup_distributed
 from run_dir import ConfigError
 from muon import Muon, Optimizers  # --optimizer=muon
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
@@ -749,15 +749,7 @@ def set_up(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-    if d.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~8x fp32 on A100/H100
-        torch.backends.cudnn.allow_tf32 = True
-    elif d.device_type == "cpu":
-        reuse_freed_memory()  # the step's freed buffers stay for the next step, no page faults
-        # compiled CPU kernels add the embeddings' gradients with atomics, in an order that varies from
-        # run to run; in deterministic mode inductor uses the ordered kernel, and a CPU run repeats bitwise
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN-filling of new tensors
+    set_numerics(d.device_type)  # TF32 on CUDA; on a CPU, malloc that keeps freed memory, repeatable kernels
     autocast = (torch.autocast(device_type=d.device_type, dtype=torch.bfloat16)
                 if cfg.dtype == "bfloat16" else nullcontext())
     return Run(cfg, d, B, T, cfg.total_batch_size // (B * T * d.world_size), autocast)
