@@ -1,4 +1,4 @@
-"""The loop reads the device once per step (loss, grad norm and stop flag together), after queuing the step."""
+"""The loop reads the device once per step (loss, grad norm and stop flag together), after queuing it."""
 import shutil
 
 import pytest
@@ -67,8 +67,8 @@ def per_step(events):
 def test_one_host_sync_per_step(data, tmp_path, monkeypatch, extra, expected):
     events = record(monkeypatch)
     assert train_gpt2.main([f"--data={data}", f"--log_dir={tmp_path}", *TINY, f"--max_steps={STEPS}",
-                            "--warmup_steps=2", "--eval_interval=0", "--num_samples=0", "--checkpoint_interval=0",
-                            *extra]) == 0
+                            "--warmup_steps=2", "--eval_interval=0", "--num_samples=0",
+                            "--checkpoint_interval=0", *extra]) == 0
     steps = per_step(events)
     assert len(steps) == STEPS - 1
     assert steps == [expected] * (STEPS - 1)
