@@ -162,12 +162,15 @@ def test_a_second_trainer_is_refused_and_kill_9_leaves_no_stale_lock(data, tmp_p
     finally:
         proc.kill()
         proc.wait()
-    # leftovers of a write cut short: ours go, other files stay
-    (tmp_path / "ckpt_000009.pt.4242.tmp").write_bytes(b"half")
-    (tmp_path / "ckpt_000009.pt.tmp").write_bytes(b"half")
-    (tmp_path / "notes.tmp").write_bytes(b"mine")
+    # leftovers of a write cut short, <name>.<pid>.tmp of a dead pid: they go; every other name stays
+    (tmp_path / f"ckpt_000009.pt.{proc.pid}.tmp").write_bytes(b"half")
+    (tmp_path / f"run.json.{proc.pid}.tmp").write_bytes(b"half")
+    mine = ["ckpt_000009.pt.tmp", "ckpt_notes.pt.tmp", "notes.tmp", "run.json.orig.tmp",
+            f"ckpt_000009.pt.{os.getpid()}x.tmp", f"ckpt_000009.pt.{os.getppid()}.tmp"]  # the last: a live pid
+    for name in mine:
+        (tmp_path / name).write_bytes(b"mine")
     assert train(data, tmp_path, "--resume", "--max_steps=3") == 0  # the lock died with the process
-    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == ["notes.tmp"]
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(mine)
     steps = [s for s, _ in read_log(tmp_path)]
     assert steps == list(range(len(steps)))
 
