@@ -223,10 +223,13 @@ def check_folder(log_dir, ckpt=None, ckpt_path=None, start_over=False):
 
 
 def _of_this_folder(rec, ckpt, path, found):
-    """Whether a checkpoint in log_dir is of a run that wrote there: run.json's runs, else the run ids of the
-    other checkpoints there (read with mmap: no weights are loaded). The only checkpoint in a folder is."""
+    """Whether a checkpoint in log_dir is of a run that wrote there: run.json's runs; for a run.json without
+    them (an older version's) or none, the run ids of the other checkpoints there (read with mmap: no weights
+    are loaded). The only checkpoint in a folder with no run.json is."""
     run = ckpt.get("run", "")
-    if rec and run in {rec["run"], *rec.get("runs", []), *(r for r, _ in rec["log"])}:
+    if rec and "runs" in rec:
+        return run in rec["runs"]
+    if rec and run in {rec["run"], *(r for r, _ in rec["log"])}:
         return True
     others = [p for _, _, p in found if not os.path.samefile(p, path)]
     return (not others and not rec) or any(_run_id(p) == run for p in others)
