@@ -31,9 +31,10 @@ except ImportError:  # Windows: no lock
     fcntl = None
 
 CKPT_RE = re.compile(r"ckpt_(\d{6})(?:_(b\d+))?\.pt")
-TMP_RE = re.compile(r"(?:ckpt_\d{6}(?:_b\d+)?\.pt|run\.json)\.(\d+)\.tmp")  # what save_checkpoint and run.json leave
+# the temp names save_checkpoint and _write_record write: <name>.<pid>.tmp
+TMP_RE = re.compile(r"(?:ckpt_\d{6}(?:_b\d+)?\.pt|run\.json)\.(\d+)\.tmp")
 LOCK_RE = re.compile(r"(pid \d+ on [^\n]*\n)?")  # what lock() writes
-OURS = ("lock", "run.json", "log.txt", "log.txt.superseded")  # the fixed names this module writes in a log_dir
+OURS = ("lock", "run.json", "log.txt", "log.txt.superseded")  # the fixed names this module writes
 _held = {}  # log_dir -> its open lock file, for this process
 
 
@@ -95,7 +96,7 @@ def _record_problem(rec):
 
 def read_record(log_dir):
     """log_dir/run.json, or None where there is none. One that this module did not write (not JSON, wrong
-    fields, a folder, a link) is a RunDirError: it may be a user's file, so it is neither used nor replaced."""
+    fields, a folder, a link) is a RunDirError: it may be a user's file, so it is not used nor replaced."""
     path = os.path.join(log_dir, "run.json")
     if not os.path.lexists(path):
         return None
@@ -103,7 +104,8 @@ def read_record(log_dir):
         with open_own(path, "r") as f:
             rec = json.load(f)
     except (OSError, ValueError) as e:
-        why = "it is a folder" if os.path.isdir(path) else getattr(e, "strerror", None) or str(e).split("\n")[0]
+        why = getattr(e, "strerror", None) or f"{e}".split("\n")[0]
+        why = "it is a folder" if os.path.isdir(path) else why
         raise RunDirError(f"{path} could not be read as a run record ({why}); this script writes its own "
                           f"there: move that file away, or pass another --log_dir") from None
     problem = _record_problem(rec)
@@ -258,7 +260,7 @@ class RunDir:
     def begin(self):
         """Moves an earlier run aside (start_over), lines up log.txt with the checkpoint, writes run.json."""
         rec, log = read_record(self.dir), os.path.join(self.dir, "log.txt")
-        for name in os.listdir(self.dir):  # left by a trainer that died mid-write; the lock says none writes now
+        for name in os.listdir(self.dir):  # left by a trainer that died mid-write (the lock: none writes now)
             m = TMP_RE.fullmatch(name)
             if m and _dead(int(m[1])):
                 os.remove(os.path.join(self.dir, name))
@@ -291,7 +293,7 @@ class RunDir:
             log_runs = [[run, step]]
         newer = [p for s, t, p in self.found if t == tag and s > step]
         if newer:  # the line went on past this checkpoint: branch off, leaving those files as they are
-            used = [int(t[1:]) for _, t, _ in self.found if t] + [int(rec["tag"][1:]) if rec and rec.get("tag") else 0]
+            used = [int(t[1:]) for _, t, _ in self.found if t] + [int(rec["tag"][1:] or 0) if rec else 0]
             self.tag = f"b{max(used) + 1}"
             log_runs.append([self.run, step])
             print(f"{newer[-1]} is newer than the checkpoint resumed: this run is branch {self.tag}, writing "
@@ -302,8 +304,8 @@ class RunDir:
         self._write_record()
 
     def save(self, state, keep):
-        """Writes state (model, optimizer, step, ...) as this line's checkpoint, with the RNG state, the run's id
-        and the log position added, then keeps the line's newest keep. Returns its path."""
+        """Writes state (model, optimizer, step, ...) as this line's checkpoint, with the RNG state, the run's
+        id and the log position added, then keeps the line's newest keep. Returns its path."""
         log = os.path.join(self.dir, "log.txt")
         state = {**state, "rng": rng_state(), "run": self.run, "tag": self.tag,
                  "log_pos": os.path.getsize(log) if os.path.exists(log) else 0}
@@ -333,7 +335,8 @@ class RunDir:
         tmp = os.path.join(self.dir, f"run.json.{os.getpid()}.tmp")
         runs = sorted({*self.runs, *(r for r, _ in self.log_runs), self.run})
         with open(tmp, "x") as f:  # "x" (O_EXCL) never follows a link
-            json.dump({"run": self.run, "tag": self.tag, "latest": latest, "log": self.log_runs, "runs": runs}, f)
+            json.dump({"run": self.run, "tag": self.tag, "latest": latest, "log": self.log_runs,
+                       "runs": runs}, f)
         os.replace(tmp, os.path.join(self.dir, "run.json"))
 
     def close(self):
@@ -375,7 +378,8 @@ def check_writable(folder, flag):
         while not os.path.lexists(probe):
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
-            raise NotADirectoryError(0, "it is a file" if probe == os.path.abspath(folder) else f"{probe} is a file")
+            is_it = probe == os.path.abspath(folder)
+            raise NotADirectoryError(0, "it is a file" if is_it else f"{probe} is a file")
         with open(os.path.join(probe, f".probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"), "x") as f:
             os.remove(f.name)
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
@@ -393,7 +397,8 @@ def append_log(path, line):
 
 
 def save_checkpoint(path, state):
-    """torch.save to this process's temp name, then an atomic rename: a crash never leaves half a checkpoint."""
+    """torch.save to this process's temp name, then an atomic rename: a crash never leaves half a file. A
+    failed write (a full disk) is one line; the checkpoints before it are untouched."""
     tmp, made = f"{path}.{os.getpid()}.tmp", False
     try:
         with open(tmp, "xb") as f:  # "x" (O_EXCL): never through a link planted at that name
@@ -470,8 +475,9 @@ def load_resume_checkpoint(log_dir, resume):
         step, tag = (int(m[1]), m[2] or "") if m else (math.inf, None)
         older = [p for s, _, p in reversed(checkpoints(os.path.dirname(path) or ".", tag)) if s < step]
         intact = next((p for p in older if _loads(p)), None)
-        raise ConfigError(f"{e}; " + (f"the newest intact one before it is {intact}: resume with --resume={intact}"
-                                      if intact else "no older intact checkpoint is there")) from None
+        advice = (f"the newest intact one before it is {intact}: resume with --resume={intact}" if intact
+                  else "no older intact checkpoint is there")
+        raise ConfigError(f"{e}; {advice}") from None
     problem = resume_problem(ckpt)
     if problem:
         raise ConfigError(f"checkpoint {path}: {problem}; it is damaged or not written by train_gpt2.py: "
@@ -484,6 +490,7 @@ def load_resume_checkpoint(log_dir, resume):
 
 MODEL_KEYS = {"block_size": int, "vocab_size": int, "n_layer": int, "n_head": int, "n_embd": int,
               "vocab_multiple": int, "flash": bool, "dropout": float}
+OPTIONAL = ("vocab_multiple", "flash")  # model_config keys an older version did not write
 LOADER_KEYS = {"epoch": int, "source": int, "offset": int, "shuffle": bool, "seed": int, "sources": int}
 
 
@@ -511,24 +518,26 @@ def resume_problem(ckpt):
         return "config optimizer is not a name"
     for what, d, keys in (("model_config", mc, MODEL_KEYS), ("loader", loader, LOADER_KEYS)):
         if not (isinstance(d, dict) and set(d) <= set(keys)
-                and all(k in d and _typed(d[k], t) for k, t in keys.items() if k not in ("vocab_multiple", "flash"))):
+                and all(k in d and _typed(d[k], t) for k, t in keys.items() if k not in OPTIONAL)):
             return f"{what} {d!r:.200} lacks one of {', '.join(keys)} or has a value of the wrong type"
-    if not (all(mc[k] > 0 for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"))
-            and mc.get("vocab_multiple", 1) > 0 and mc["n_embd"] % mc["n_head"] == 0 and 0 <= mc["dropout"] < 1):
+    sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+    if not (all(mc[k] > 0 for k in sizes) and _is_int(mc.get("vocab_multiple", 1), 1)
+            and mc["n_embd"] % mc["n_head"] == 0 and 0 <= mc["dropout"] < 1):
         return f"model_config {mc} is out of range"
     if not all(loader[k] >= 0 for k in ("epoch", "source", "offset", "sources")):
         return f"loader position {loader} is negative"
-    model = ckpt["model"]
-    wte, wpe = (model.get(f"transformer.{k}.weight") if isinstance(model, dict) else None for k in ("wte", "wpe"))
-    layers = {k.split(".")[2] for k in model if k.startswith("transformer.h.")} if isinstance(model, dict) else ()
+    model = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    wte, wpe = model.get("transformer.wte.weight"), model.get("transformer.wpe.weight")
+    layers = {k.split(".")[2] for k in model if isinstance(k, str) and k.startswith("transformer.h.")}
     if not (isinstance(wte, torch.Tensor) and isinstance(wpe, torch.Tensor) and wte.dim() == wpe.dim() == 2
             and wte.shape[1] == mc["n_embd"] and wte.shape[0] >= mc["vocab_size"]
             and tuple(wpe.shape) == (mc["block_size"], mc["n_embd"]) and len(layers) == mc["n_layer"]):
         return f"its weights do not have the shape its model_config {mc} says"
     rng = ckpt["rng"]
-    if not (isinstance(rng, dict) and isinstance(rng.get("numpy"), dict) and isinstance(rng.get("torch"), torch.Tensor)
-            and isinstance(rng["numpy"].get("key"), torch.Tensor) and isinstance(rng.get("cuda"), list)
-            and isinstance(rng.get("python"), (tuple, list))):
+    if not (isinstance(rng, dict) and isinstance(rng.get("numpy"), dict)
+            and isinstance(rng.get("torch"), torch.Tensor)
+            and isinstance(rng["numpy"].get("key"), torch.Tensor)
+            and isinstance(rng.get("cuda"), list) and isinstance(rng.get("python"), (tuple, list))):
         return "its RNG state is not ours"
     return None
 
@@ -545,10 +554,11 @@ def check_compatible(ckpt, config, model_config=None, source=None):
     saved = ckpt["config"]
     if saved["total_batch_size"] != config["total_batch_size"]:
         raise ConfigError(f"--total_batch_size={config['total_batch_size']} differs from the checkpoint's "
-                          f"{saved['total_batch_size']}: the LR schedule and data position are counted in its "
-                          f"steps; keep it (--batch_size and GPU count may change)")
+                          f"{saved['total_batch_size']}: the LR schedule and data position are counted in "
+                          f"its steps; keep it (--batch_size and GPU count may change)")
     if saved.get("optimizer", "adamw") != config["optimizer"]:
-        raise ConfigError(f"--optimizer={config['optimizer']} differs from the checkpoint's; resume with its own")
+        raise ConfigError(f"--optimizer={config['optimizer']} differs from the checkpoint's; "
+                          f"resume with its own")
     if model_config is not None:
         check_model_config(ckpt["model_config"], model_config, source)
 
@@ -556,8 +566,8 @@ def check_compatible(ckpt, config, model_config=None, source=None):
 def check_model_config(saved, current, source):
     for key, value in saved.items():
         if current.get(key) != value:
-            raise ConfigError(f"{source} was trained with {key}={value}, this run has {key}={current.get(key)}; "
-                              f"drop --{key} or pass --{key}={value}")
+            raise ConfigError(f"{source} was trained with {key}={value}, this run has "
+                              f"{key}={current.get(key)}; drop --{key} or pass --{key}={value}")
 
 
 def rng_state():

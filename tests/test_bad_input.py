@@ -285,11 +285,14 @@ def used(tmp_path_factory):
         assert train_gpt2.main([f"--data={data}", f"--log_dir={root / log_dir}", *TINY, "--max_steps=4"]) == 0
     for name in ("their_run.pt", "ckpt_000010.pt"):
         (root / "log" / name).write_bytes((root / "other" / "ckpt_000004.pt").read_bytes())
+    (root / "other" / "lock").write_text("my notes\n")
     (root / "alien").mkdir()
     (root / "alien" / "run.json").write_text('{"run": "x", "tag": "", "latest": null, "log": 5}')
     (root / "linked").mkdir()
     (root / "target.txt").write_text("a user's file")
     os.symlink(root / "target.txt", root / "linked" / "lock")
+    (root / "linked_log").mkdir()
+    os.symlink(root / "target.txt", root / "linked_log" / "log.txt")
     return root, data, small
 
 
@@ -311,6 +314,8 @@ REFUSED = {  # flags after --data={data} --log_dir={log} TINY: each must be refu
     "backend mpi": ["--backend=mpi", "--log_dir={root}/new"],
     "run.json not ours": ["--log_dir={root}/alien"],
     "lock is a symlink": ["--log_dir={root}/linked"],
+    "log.txt is a symlink": ["--log_dir={root}/linked_log"],
+    "a user's file named lock": ["--log_dir={root}/other", "--resume", "--max_steps=6"],
 }
 
 
@@ -328,5 +333,6 @@ def test_a_refused_command_changes_nothing(used, capsys, case):
 
 def test_the_folder_still_resumes_after_the_refusals(used, capsys):
     root, data, _ = used
-    assert train_gpt2.main([f"--data={data}", f"--log_dir={root / 'log'}", *TINY, "--resume", "--max_steps=5"]) == 0
+    rc = train_gpt2.main([f"--data={data}", f"--log_dir={root / 'log'}", *TINY, "--resume", "--max_steps=5"])
+    assert rc == 0
     assert "resuming at step 4" in capsys.readouterr().out

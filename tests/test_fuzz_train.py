@@ -39,8 +39,8 @@ def folder(tmp_path_factory):
     data = root / "input.txt"
     data.write_text(open(os.path.join(os.path.dirname(train_gpt2.__file__), "input.txt")).read()[:20000])
     tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
-            "--total_batch_size=32", "--dtype=float32", "--num_samples=0", "--max_steps=2", "--warmup_steps=0",
-            "--eval_interval=0", "--compile=false", "--device=cpu"]
+            "--total_batch_size=32", "--dtype=float32", "--num_samples=0", "--max_steps=2",
+            "--warmup_steps=0", "--eval_interval=0", "--compile=false", "--device=cpu"]
     assert train_gpt2.main([f"--data={data}", f"--log_dir={root / 'run'}", *tiny]) == 0
     cwd = os.getcwd()
     os.chdir(root)
@@ -73,9 +73,10 @@ def test_flags_pass_or_are_one_config_error(folder, flags):
 # ----------------------------------------------------------------------------------------------
 # run.json contents
 
-json_values = st.recursive(st.none() | st.booleans() | numbers | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                                       max_size=3), max_leaves=8)
+json_values = st.recursive(
+    st.none() | st.booleans() | numbers | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
 RECORD = {"run": "abc", "tag": "", "latest": "ckpt_000002.pt", "log": [["abc", 0]], "runs": ["abc"]}
 
 
@@ -143,9 +144,10 @@ def saved(folder):
 PLACES = ["step", "log_pos", "val_loss", "run", "tag", "config", "model_config", "loader", "rng"]
 SUB = {"config": ["total_batch_size", "max_steps", "optimizer", "max_lr", "n_layer", "seed", "log_dir"],
        "model_config": ["block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout"],
-       "loader": ["epoch", "source", "offset", "shuffle", "seed", "sources"], "rng": ["numpy", "torch", "cuda"]}
-py_values = st.one_of(numbers, st.booleans(), st.none(), st.text(max_size=6), st.lists(st.integers(), max_size=2),
-                      st.just({}))
+       "loader": ["epoch", "source", "offset", "shuffle", "seed", "sources"],
+       "rng": ["numpy", "torch", "cuda"]}
+py_values = st.one_of(numbers, st.booleans(), st.none(), st.text(max_size=6),
+                      st.lists(st.integers(), max_size=2), st.just({}))
 
 
 @SETTINGS

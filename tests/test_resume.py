@@ -180,7 +180,8 @@ def test_a_checkpoint_with_bad_metadata_is_one_line_naming_it(reference, tmp_pat
     torch.save(ckpt, tmp_path / "bad.pt")
     assert train_gpt2.main(args(data, tmp_path / "log", [f"--resume={tmp_path / 'bad.pt'}"])) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"checkpoint {tmp_path / 'bad.pt'}: " in err and all(n in err for n in names), err
+    assert err.count("\n") == 1 and f"checkpoint {tmp_path / 'bad.pt'}: " in err, err
+    assert all(n in err for n in names), err
     assert not (tmp_path / "log").exists()
 
 

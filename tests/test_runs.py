@@ -166,7 +166,7 @@ def test_a_second_trainer_is_refused_and_kill_9_leaves_no_stale_lock(data, tmp_p
     (tmp_path / f"ckpt_000009.pt.{proc.pid}.tmp").write_bytes(b"half")
     (tmp_path / f"run.json.{proc.pid}.tmp").write_bytes(b"half")
     mine = ["ckpt_000009.pt.tmp", "ckpt_notes.pt.tmp", "notes.tmp", "run.json.orig.tmp",
-            f"ckpt_000009.pt.{os.getpid()}x.tmp", f"ckpt_000009.pt.{os.getppid()}.tmp"]  # the last: a live pid
+            f"ckpt_000009.pt.{os.getpid()}x.tmp", f"ckpt_000009.pt.{os.getppid()}.tmp"]  # last: a live pid
     for name in mine:
         (tmp_path / name).write_bytes(b"mine")
     assert train(data, tmp_path, "--resume", "--max_steps=3") == 0  # the lock died with the process
@@ -226,7 +226,7 @@ def test_a_stalled_rank_fails_the_others_after_the_timeout_not_30_minutes(tmp_pa
     assert train_gpt2.TrainConfig().dist_timeout == 600  # the default, as the README says
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_one_before(data, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_one_before(data, tmp_path, monkeypatch, capsys):
     save, calls = torch.save, []
 
     def full_disk(obj, f, *a, **k):
@@ -239,7 +239,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_one_before(da
     assert train(data, tmp_path) == 2
     err = one_line_error(capsys)
     assert f"writing {tmp_path / 'ckpt_000004.pt'} failed" in err and "is the disk full?" in err
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "lock", "log.txt", "run.json"]  # no partial file
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "lock", "log.txt", "run.json"]  # no partial
     monkeypatch.undo()
     assert train_gpt2.run_dir.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_000002.pt")
     assert train(data, tmp_path, "--resume") == 0  # the one before is intact
