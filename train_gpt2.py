@@ -139,7 +139,10 @@ def validate_config(cfg):
     positive = {"n_layer", "n_head", "n_embd", "block_size", "total_batch_size", "max_steps",
                 "val_tokens", "max_lr", "dist_timeout"}
     for name, typ in typing.get_type_hints(TrainConfig).items():
-        v = getattr(cfg, name)
+        v = getattr(cfg, name)  # a resumed checkpoint's config is typed by nothing but this check
+        ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(typ, (bool, type(None)))
+        if not isinstance(v, ok) or (isinstance(v, bool) and typ in (int, float)) or "\0" in str(v):
+            raise ConfigError(f"--{name}={v!r:.80}: expected a {getattr(typ, '__name__', 'bool')} value")
         if typ in (int, float) and not (math.isfinite(v) and (v > 0 if name in positive else v >= 0)):
             raise ConfigError(f"--{name}={v}: must be a finite number {'>' if name in positive else '>='} 0")
     if cfg.min_lr_ratio > 1 or max(cfg.beta1, cfg.beta2) >= 1:
@@ -151,7 +154,7 @@ def validate_config(cfg):
     if cfg.n_embd % cfg.n_head:
         raise ConfigError(f"--n_embd={cfg.n_embd} is not a multiple of --n_head={cfg.n_head}; change one")
     for name, choices in (("dtype", ("bfloat16", "float32")), ("optimizer", ("adamw", "muon")),
-                          ("lr_schedule", ("cosine", "wsd"))):
+                          ("lr_schedule", ("cosine", "wsd")), ("backend", ("auto", "gloo", "nccl"))):
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"--{name}={getattr(cfg, name)}: expected {' or '.join(choices)}")
     if not (cfg.dropout < 1 and cfg.decay_fraction <= 1):
@@ -167,7 +170,11 @@ def validate_config(cfg):
     if cfg.data.endswith(".npy"):
         raise ConfigError(f"--data={cfg.data} is one shard; pass its folder: "
                           f"--data={os.path.dirname(cfg.data) or '.'}")
+    if cfg.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--backend=nccl needs CUDA GPUs, and none is available here; use --backend=gloo")
     run_dir.check_writable(cfg.log_dir, "--log_dir")
+    if not cfg.resume and not cfg.eval_only:  # resolve_resume checks a resumed run's folder
+        run_dir.check_folder(cfg.log_dir, start_over=cfg.start_over)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,6 +609,11 @@ class DataLoaderLite:
         if state["shuffle"] != self.shuffle or state["seed"] != self.seed:
             raise ConfigError(f"--shuffle/--seed differ from the checkpoint's ({state['shuffle']}, "
                               f"{state['seed']}): resume with the same ones to continue the same data order")
+        size = len(self.sources[self._order(state["epoch"])[state["source"]]])
+        if state["offset"] >= size:
+            raise ConfigError(f"the checkpoint's data position (token {state['offset']} of train source "
+                              f"{state['source']}) is past the end of that source in --data ({size} tokens); "
+                              f"resume with the --data it was trained on")
         self.epoch, self.source, self.offset = state["epoch"], state["source"], state["offset"]
 
 
@@ -679,7 +691,8 @@ def evaluate_loss(model, val_sources, B, T, val_tokens, dist_info, autocast):
 def sample_texts(model, prompt, num_samples, max_new_tokens, device, seed=42):
     """num_samples continuations of prompt by GPT.generate, top-k 50, seeded: the samples training prints."""
     enc = get_tokenizer()
-    idx = torch.tensor([enc.encode(prompt)] * num_samples, dtype=torch.long, device=device)
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"})  # a prompt may mark a document boundary
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, top_k=50, generator=gen)
     return [enc.decode(row.tolist()) for row in out]
@@ -735,7 +748,11 @@ def resolve_resume(cfg, explicit):
     # stop_step, start_over and verify_shards belong to one invocation (a job of a split run), not the run
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"stop_step", "start_over", "verify_shards"}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
-    return ckpt, TrainConfig(**{**values, **explicit, "resume": path})
+    cfg = TrainConfig(**{**values, **explicit, "resume": path})
+    validate_config(cfg)  # the checkpoint's values too, before they name a folder
+    if not cfg.eval_only:  # on every rank, before anything is built
+        run_dir.check_folder(cfg.log_dir, ckpt, path, cfg.start_over)
+    return ckpt, cfg
 
 
 def set_up(cfg):
@@ -795,24 +812,32 @@ def restore(r, ckpt):
     if ckpt is None:
         return 0, None
     run_dir.check_compatible(ckpt, dataclasses.asdict(r.cfg))
-    r.optimizer.load_state_dict(ckpt["optimizer"])
     r.loader.load_state_dict(ckpt["loader"])
-    run_dir.set_rng_state(ckpt["rng"])
-    return ckpt["step"], ckpt["val_loss"]
+    try:
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        run_dir.set_rng_state(ckpt["rng"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"--resume={r.cfg.resume}: its optimizer or RNG state does not fit this run ({why}); "
+                          f"pass another checkpoint") from None
+    return ckpt["step"], ckpt.get("val_loss")
 
 
 def load_hellaswag(cfg, d):
     if not cfg.hellaswag:
         return None
     import hellaswag
-    if d.world_size > 1 and not d.master:
-        dist.barrier()  # rank 0 downloads the file first, the others then read it
-    try:
-        items = hellaswag.load_items(cfg.hellaswag_path or None)
-    except hellaswag.HellaSwagError as e:
-        raise ConfigError(f"--hellaswag_path: {e}") from None
-    if d.world_size > 1 and d.master:
-        dist.barrier()
+    items, error = None, None
+    for master_turn in (True, False):  # rank 0 downloads the file first, the others then read it
+        if master_turn == d.master:
+            try:
+                items = hellaswag.load_items(cfg.hellaswag_path or None)
+            except hellaswag.HellaSwagError as e:
+                error = ConfigError(f"--hellaswag_path: {e}")
+        if master_turn:  # a failure on rank 0 stops every rank, with one line each
+            run_dir.agree(error if d.master else None, d.world_size, d.device)
+    if error is not None:
+        raise error
     return items
 
 
@@ -968,9 +993,9 @@ def train(cfg, explicit=None):
                f"{cfg.resume}: {n} steps are done, --stop_step={cfg.stop_step} asks for none; raise it")
         return {"step": n - 1, "val_loss": val_loss}
     r.hellaswag_items = load_hellaswag(cfg, d)
-    if d.master and not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up
-        r.folder = run_dir.RunDir(cfg.log_dir, ckpt, cfg.resume or None, cfg.start_over)
-        r.folder.begin()
+    if not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up; None elsewhere
+        r.folder = run_dir.open_run_dir(d.master, d.world_size, d.device, cfg.log_dir, ckpt, cfg.resume or None,
+                                        cfg.start_over)
     flops_per_step = r.raw_model.flops_per_token() * cfg.total_batch_size
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print_start(r, ckpt, start_step, peak)

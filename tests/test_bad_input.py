@@ -259,3 +259,80 @@ def test_export_unwritable_out_is_one_line(tmp_path, capsys, out):
         (tmp_path / "a_file").write_text("not a folder")
     rc = export_hf.main([f"--checkpoint={tiny_checkpoint(tmp_path / 'c.pt')}", f"--out={out}"])
     one_error_line(capsys, rc, f"--out={out}", "cannot write there")
+
+# ----------------------------------------------------------------------------------------------
+# A refused command changes nothing
+
+
+def snapshot(root):
+    """Every path under root: a file's bytes, a link's target, or "dir"."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, root)] = ("link", os.readlink(p)) if os.path.islink(p) else (
+                "dir" if os.path.isdir(p) else open(p, "rb").read())
+    return out
+
+
+@pytest.fixture(scope="module")
+def used(tmp_path_factory):
+    """A folder with a finished run (log/: checkpoint, log.txt, run.json, lock), another run's checkpoint
+    copied in under two names, and data."""
+    root = tmp_path_factory.mktemp("used")
+    data, small = text_file(root / "input.txt"), text_file(root / "small.txt", words=60)
+    for log_dir in ("log", "other"):
+        assert train_gpt2.main([f"--data={data}", f"--log_dir={root / log_dir}", *TINY, "--max_steps=4"]) == 0
+    for name in ("their_run.pt", "ckpt_000010.pt"):
+        (root / "log" / name).write_bytes((root / "other" / "ckpt_000004.pt").read_bytes())
+    (root / "other" / "lock").write_text("my notes\n")
+    (root / "alien").mkdir()
+    (root / "alien" / "run.json").write_text('{"run": "x", "tag": "", "latest": null, "log": 5}')
+    (root / "linked").mkdir()
+    (root / "target.txt").write_text("a user's file")
+    os.symlink(root / "target.txt", root / "linked" / "lock")
+    (root / "linked_log").mkdir()
+    os.symlink(root / "target.txt", root / "linked_log" / "log.txt")
+    return root, data, small
+
+
+REFUSED = {  # flags after --data={data} --log_dir={log} TINY: each must be refused, changing nothing
+    "bad flag, new log_dir": ["--n_head=0", "--log_dir={root}/new/deeper"],
+    "bad --data, new log_dir": ["--data={root}/none.txt", "--log_dir={root}/new"],
+    "nan flag on a used log_dir": ["--max_lr=nan"],
+    "fresh run in a used log_dir": [],
+    "start_over with a bad flag": ["--start_over", "--beta1=2"],
+    "start_over with bad --data": ["--start_over", "--data={root}/none.txt"],
+    "resume with bad --data": ["--resume", "--data={root}/none.txt"],
+    "resume with bad --hellaswag_path": ["--resume", "--max_steps=6", "--hellaswag",
+                                         "--hellaswag_path={root}/none.jsonl"],
+    "resume on shorter --data": ["--resume", "--max_steps=6", "--data={small}"],
+    "resume a foreign checkpoint": ["--resume={root}/log/their_run.pt", "--max_steps=6"],
+    "resume a foreign ckpt_ name": ["--resume={root}/log/ckpt_000010.pt", "--max_steps=6"],
+    "resume with another total_batch_size": ["--resume", "--total_batch_size=64"],
+    "backend nccl without CUDA": ["--backend=nccl"],
+    "backend mpi": ["--backend=mpi", "--log_dir={root}/new"],
+    "run.json not ours": ["--log_dir={root}/alien"],
+    "lock is a symlink": ["--log_dir={root}/linked"],
+    "log.txt is a symlink": ["--log_dir={root}/linked_log"],
+    "a user's file named lock": ["--log_dir={root}/other", "--resume", "--max_steps=6"],
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_command_changes_nothing(used, capsys, case):
+    if case == "backend nccl without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root, data, small = used
+    before = snapshot(root)
+    flags = [f.format(root=root, small=small) for f in REFUSED[case]]
+    rc = train_gpt2.main([f"--data={data}", f"--log_dir={root / 'log'}", *TINY, *flags])
+    one_error_line(capsys, rc)
+    assert snapshot(root) == before
+
+
+def test_the_folder_still_resumes_after_the_refusals(used, capsys):
+    root, data, _ = used
+    rc = train_gpt2.main([f"--data={data}", f"--log_dir={root / 'log'}", *TINY, "--resume", "--max_steps=5"])
+    assert rc == 0
+    assert "resuming at step 4" in capsys.readouterr().out

@@ -163,3 +163,40 @@ def test_block_size_beyond_the_pretrained_model(tmp_path, capsys, reference):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16)).save_pretrained(tmp_path / "hf")
     assert train_gpt2.main(args(data, tmp_path, [f"--init_from={tmp_path / 'hf'}"])) == 2
     assert "--block_size=32 exceeds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, names", [
+    (lambda c: c.update(step=-5), ["step -5"]),  # trained with a negative LR
+    (lambda c: c["model_config"].update(n_embd=64), ["do not have the shape"]),
+    (lambda c: c["loader"].update(offset="x"), ["loader"]),
+    (lambda c: c["config"].update(max_steps=0), ["max_steps 0"]),
+    (lambda c: c.update(config=[1, 2]), ["config is not a dict"]),
+    (lambda c: c["rng"].update(torch=None), ["RNG state"]),
+])
+def test_a_checkpoint_with_bad_metadata_is_one_line_naming_it(reference, tmp_path, capsys, change, names):
+    data, ref_dir = reference
+    ckpt = torch.load(ref_dir / f"ckpt_{STEPS:06d}.pt", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    assert train_gpt2.main(args(data, tmp_path / "log", [f"--resume={tmp_path / 'bad.pt'}"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {tmp_path / 'bad.pt'}: " in err, err
+    assert all(n in err for n in names), err
+    assert not (tmp_path / "log").exists()
+
+
+def test_with_no_run_json_a_users_log_txt_is_moved_aside_not_appended_to(reference, tmp_path):
+    data, ref_dir = reference
+    import shutil
+    os.makedirs(tmp_path / "log")
+    shutil.copy(ref_dir / f"ckpt_{STEPS:06d}.pt", tmp_path / "log" / "ckpt_000008.pt")  # no run.json with it
+    (tmp_path / "log" / "log.txt").write_text("my own notes\n")
+    run(args(data, tmp_path / "log", ["--resume", "--max_steps=9"]))
+    assert (tmp_path / "log" / "log.txt.superseded").read_text() == "my own notes\n"
+    assert [s for s, _ in read_log(tmp_path / "log")] == [8]
+
+
+def test_a_prompt_with_endoftext_samples(reference):
+    model = train_gpt2.model_from_checkpoint(str(reference[1] / f"ckpt_{STEPS:06d}.pt"))
+    texts = train_gpt2.sample_texts(model, "<|endoftext|>ROMEO:", 2, 4, "cpu")
+    assert len(texts) == 2 and all(t.startswith("<|endoftext|>ROMEO:") for t in texts)

@@ -162,12 +162,15 @@ def test_a_second_trainer_is_refused_and_kill_9_leaves_no_stale_lock(data, tmp_p
     finally:
         proc.kill()
         proc.wait()
-    # leftovers of a write cut short: ours go, other files stay
-    (tmp_path / "ckpt_000009.pt.4242.tmp").write_bytes(b"half")
-    (tmp_path / "ckpt_000009.pt.tmp").write_bytes(b"half")
-    (tmp_path / "notes.tmp").write_bytes(b"mine")
+    # leftovers of a write cut short, <name>.<pid>.tmp of a dead pid: they go; every other name stays
+    (tmp_path / f"ckpt_000009.pt.{proc.pid}.tmp").write_bytes(b"half")
+    (tmp_path / f"run.json.{proc.pid}.tmp").write_bytes(b"half")
+    mine = ["ckpt_000009.pt.tmp", "ckpt_notes.pt.tmp", "notes.tmp", "run.json.orig.tmp",
+            f"ckpt_000009.pt.{os.getpid()}x.tmp", f"ckpt_000009.pt.{os.getppid()}.tmp"]  # last: a live pid
+    for name in mine:
+        (tmp_path / name).write_bytes(b"mine")
     assert train(data, tmp_path, "--resume", "--max_steps=3") == 0  # the lock died with the process
-    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == ["notes.tmp"]
+    assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(mine)
     steps = [s for s, _ in read_log(tmp_path)]
     assert steps == list(range(len(steps)))
 
@@ -221,3 +224,52 @@ def test_a_stalled_rank_fails_the_others_after_the_timeout_not_30_minutes(tmp_pa
     assert out.startswith("gave up after ") and "Timed out" in out, out
     assert 1.9 < float(out.split()[3]) < 15  # 2 s, give or take a loaded machine
     assert train_gpt2.TrainConfig().dist_timeout == 600  # the default, as the README says
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_one_before(data, tmp_path, monkeypatch, capsys):
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # what torch says when the disk fills mid-write
+            f.write(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert train(data, tmp_path) == 2
+    err = one_line_error(capsys)
+    assert f"writing {tmp_path / 'ckpt_000004.pt'} failed" in err and "is the disk full?" in err
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "lock", "log.txt", "run.json"]  # no partial
+    monkeypatch.undo()
+    assert train_gpt2.run_dir.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_000002.pt")
+    assert train(data, tmp_path, "--resume") == 0  # the one before is intact
+
+
+def test_a_file_size_limit_is_one_line_not_a_traceback(data, tmp_path):
+    import resource
+
+    def limit():  # 1 MB: log.txt and run.json fit, a checkpoint (~20 MB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+    out = subprocess.run(command(args(data, tmp_path)), env=ENV, capture_output=True, text=True, timeout=300,
+                         preexec_fn=limit)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith(f"error: writing {tmp_path / 'ckpt_000002.pt'} failed ([enforce fail")
+    assert out.stderr.count("\n") == 1 and "is the disk full?" in out.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp") or n.startswith("ckpt_")]
+
+
+def test_a_lock_only_rank_0_sees_stops_both_ranks_with_one_line(data, tmp_path):
+    held = train_gpt2.run_dir.lock(str(tmp_path))  # another trainer holds the folder
+    try:
+        out = subprocess.run(command(args(data, tmp_path), nproc=2), env=ENV, capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        held.close()
+    assert out.returncode != 0
+    # each rank's one line (the two may share a line of stderr), exit 2 on both; the only traceback is
+    # torchrun's own report of a failed child, none from a trainer's frames
+    assert "is in use by another training run" in out.stderr, out.stderr[-3000:]
+    assert "error: rank 0 refused the run: see its error line" in out.stderr
+    assert out.stderr.count("exitcode  : 2") == 2 and 'train_gpt2.py", line' not in out.stderr
+    assert "Connection closed by peer" not in out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["lock"]
