@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from run_dir import ConfigError
+from flags import ConfigError
 
 
 @dataclass

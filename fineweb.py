@@ -38,6 +38,8 @@ from collections import deque
 
 import numpy as np
 
+from flags import ConfigError  # what train_gpt2.py raises for its --data
+
 EOT = 50256  # <|endoftext|>: delimits documents, as in GPT-2's training data
 SHARD_SIZE = 100_000_000  # tokens per shard, as in build-nanogpt: 10B tokens -> 100 shards
 FORMAT = 1  # layout version of shards + manifest; a folder of another version is not resumed
@@ -540,6 +542,36 @@ def open_manifest(out, params):
         if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"]:
             raise DataError(f"{file} is missing or not the size {path} records; delete {out} and run again")
     return manifest
+
+
+def load_shard(path, vocab_size=50257, ids=True):
+    """A shard memory-mapped and checked: 1-D uint16, the size its header says, (if ids) ids < vocab_size."""
+    fix = "rebuild the folder with fineweb.py (delete it, rerun the same command)"
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # shorter than its header says (the mmap fails), not a .npy, ...
+        raise ConfigError(f"shard {path} is unreadable or truncated ({e}); {fix}") from None
+    if arr.dtype != np.uint16 or arr.ndim != 1:
+        raise ConfigError(f"shard {path} holds {arr.dtype} {arr.shape}, not a 1-D uint16 token array; {fix}")
+    if len(arr) == 0 or arr.offset + arr.nbytes != os.path.getsize(path):
+        raise ConfigError(f"shard {path} is empty or longer than its header says; {fix}")
+    if ids and int(arr.max()) >= vocab_size:
+        raise ConfigError(f"shard {path} holds token ids >= {vocab_size}; {fix}")
+    return arr
+
+
+def find_shards(folder):
+    """(train shard paths, val shard paths) of a fineweb.py output folder, told apart by name pattern."""
+    hint = "create it with: python fineweb.py (or pass --data=input.txt)"
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--data={folder}: no such shard folder; {hint}")
+    # fineweb.py's names, PREFIX_val_000000.npy and PREFIX_train_000001.npy: a prefix may contain "val" too
+    found = [m for n in sorted(os.listdir(folder)) if (m := re.fullmatch(r"(.+)_(train|val)_\d+\.npy", n))]
+    train, val = ([os.path.join(folder, m[0]) for m in found if m[2] == split] for split in ("train", "val"))
+    if not train or not val:
+        raise ConfigError(f"--data={folder}: needs *train*.npy and *val*.npy shards, found "
+                          f"{len(train)} and {len(val)}; {hint}")
+    return train, val
 
 
 def verify_shards(out, names, sha256=False, error=DataError):

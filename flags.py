@@ -9,7 +9,10 @@ import inspect
 import re
 import typing
 
-from run_dir import ConfigError
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the flag or file and says what to do."""
 
 BOOL_TYPES = (bool, typing.Optional[bool])
 

@@ -211,6 +211,24 @@ def score(model, items, device, batch_size=8, autocast=nullcontext(), progress=F
     return sum_loss, mean_loss
 
 
+def load_items_on_ranks(path, d, agree):
+    """load_items for training: rank 0 first (it may download), then the others; agree(error, world, device)
+    tells every rank whether rank 0 failed, so all of them stop with one line."""
+    from flags import ConfigError
+    items, error = None, None
+    for master_turn in (True, False):
+        if master_turn == d.master:
+            try:
+                items = load_items(path)
+            except HellaSwagError as e:
+                error = ConfigError(f"--hellaswag_path: {e}")
+        if master_turn:
+            agree(error if d.master else None, d.world_size, d.device)
+    if error is not None:
+        raise error
+    return items
+
+
 def evaluate_counts(model, items, device, rank, world_size, autocast=nullcontext(), batch_size=8,
                     progress=False):
     """

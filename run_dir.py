@@ -25,6 +25,8 @@ import uuid
 import numpy as np
 import torch
 
+from flags import ConfigError  # re-exported: train_gpt2 and the sidecars raise it
+
 try:
     import fcntl
 except ImportError:  # Windows: no lock
@@ -36,10 +38,6 @@ TMP_RE = re.compile(r"(?:ckpt_\d{6}(?:_b\d+)?\.pt|run\.json)\.(\d+)\.tmp")
 LOCK_RE = re.compile(r"(pid \d+ on [^\n]*\n)?")  # what lock() writes
 OURS = ("lock", "run.json", "log.txt", "log.txt.superseded")  # the fixed names this module writes
 _held = {}  # log_dir -> its open lock file, for this process
-
-
-class ConfigError(ValueError):
-    """Bad user input: the message names the flag or file and says what to do."""
 
 
 class RunDirError(ConfigError):

@@ -34,7 +34,7 @@ import flags
 import run_dir
 from chunked_loss import chunked_cross_entropy  # the head and its loss, with no full logits
 from device import DistInfo, auto_batch_size, measure_peak_flops, set_numerics, setup_distributed
-from run_dir import ConfigError
+from flags import ConfigError
 from muon import Muon, Optimizers  # --optimizer=muon
 from gpt2_tokenizer import get_tokenizer  # OpenAI's GPT-2 BPE, shipped in gpt2_tokenizer/: no download
 
@@ -104,25 +104,19 @@ class TrainConfig:
 
 
 # A preset is only a dict of flag values; explicit flags still override it.
+SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=4096,
+             max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50, optimizer="muon", muon_lr=0.02,
+             lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0, checkpoint_interval=100, num_samples=2,
+             sample_tokens=48, compile=True)  # compiled on a CPU too: faster steps after a ~30 s compile
 PRESETS = {
     # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in a few minutes (docs/muon.md)
-    "shakespeare": dict(
-        data="input.txt", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
-        total_batch_size=4096, max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50,
-        optimizer="muon", muon_lr=0.02, muon_weight_decay=0.0, lr_schedule="wsd", decay_fraction=0.3,
-        min_lr_ratio=0.0, checkpoint_interval=100, num_samples=2, sample_tokens=48, sample_prompt="ROMEO:",
-        compile=True,  # on a CPU too: faster steps after a ~30 s compile
-    ),
-    # the shakespeare model on your own fineweb.py shards (--data=FOLDER): a warmup of 20 steps, not 715,
-    # so a short run leaves it; eval on 64k val tokens, not 10M
-    "tiny-shards": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=4096,
-                        max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50, val_tokens=65_536,
-                        optimizer="muon", muon_lr=0.02, lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0,
-                        checkpoint_interval=100, num_samples=2, sample_tokens=48, compile=True),
-    # 124M with Muon + WSD at the settings of modded-nanogpt's Oct 2024 Muon records, for 2B tokens;
-    # measured at small scale only (docs/muon.md)
-    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, muon_weight_decay=0.0, warmup_steps=0,
-                      lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0, max_steps=3814, hellaswag=True),
+    "shakespeare": dict(SMALL, data="input.txt", muon_weight_decay=0.0, sample_prompt="ROMEO:"),
+    # the same on your own fineweb.py shards (--data=FOLDER): 20 warmup steps, not 715; 64k val tokens
+    "tiny-shards": dict(SMALL, val_tokens=65_536),
+    # 124M, Muon + WSD at modded-nanogpt's Oct 2024 Muon record settings, 2B tokens (docs/muon.md)
+    "gpt2-fast": dict(optimizer="muon", max_lr=0.0036, weight_decay=0.0, muon_weight_decay=0.0,
+                      warmup_steps=0, lr_schedule="wsd", decay_fraction=0.28, min_lr_ratio=0.0,
+                      max_steps=3814, hellaswag=True),
 }
 
 
@@ -297,11 +291,9 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy if targets."""
         x = self.hidden_states(idx, cache)
         if targets is not None:
-            # training and evaluation only need the loss: the head and the loss go through in chunks
-            # without the full logits (see ChunkedCrossEntropy), so none are returned
+            # training and evaluation need only the loss: in chunks, no full logits (chunked_loss.py)
             return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.vocab_size)
-        # the padded vocab rows make the matmul fast; slicing them off means no padded id is
-        # ever predicted, sampled or counted in the loss
+        # the padded vocab rows make the matmul fast; sliced off, no padded id is ever predicted or sampled
         logits = self.lm_head(x)[..., :self.config.vocab_size]
         return logits, None
 
@@ -332,44 +324,36 @@ class GPT(nn.Module):
             why = str(e).strip().splitlines()[0]
             raise ConfigError(f"{name_or_path}: could not load it ({why})") from None
         c = hf.config
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or \
-                c.scale_attn_by_inverse_layer_idx:
+        standard = c.activation_function in ("gelu_new", "gelu_pytorch_tanh")
+        if c.scale_attn_by_inverse_layer_idx or not standard:
             raise ConfigError(f"{name_or_path}: only standard GPT-2 checkpoints load (tanh GELU, plain attn)")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
-                           n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, dropout=dropout)
-        model = cls(config)
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd, dropout=dropout))
         model.load_hf_state_dict(hf.state_dict())
         return model
 
+    @torch.no_grad()
     def load_hf_state_dict(self, hf_sd):
-        sd = self.state_dict()
-        V = self.config.vocab_size
-        for key in sd:
-            src = hf_sd[key]
-            with torch.no_grad():
-                if key.endswith(self._TRANSPOSED):
-                    sd[key].copy_(src.t())
-                elif key in ("transformer.wte.weight", "lm_head.weight"):
-                    sd[key][:V].copy_(src[:V])
-                    sd[key][V:].zero_()
-                else:
-                    sd[key].copy_(src)
+        """Hugging Face GPT-2 weights into ours; the padded vocab rows are zeros."""
+        for key, t in self.state_dict().items():
+            src = hf_sd[key].t() if key.endswith(self._TRANSPOSED) else hf_sd[key]
+            t.zero_()[:src.size(0)].copy_(src)  # wte and lm_head: the padded rows past HF's vocab stay 0
 
     def hf_state_dict(self):
         """Our weights under Hugging Face GPT-2 names and layouts, padded vocab rows removed."""
         out = {}
         for key, t in self.state_dict().items():
-            if key.endswith(self._TRANSPOSED):
-                t = t.t()
-            elif key in ("transformer.wte.weight", "lm_head.weight"):
-                t = t[:self.config.vocab_size]
+            t = t.t() if key.endswith(self._TRANSPOSED) else t[:self.config.vocab_size] if key in (
+                "transformer.wte.weight", "lm_head.weight") else t
             out[key] = t.detach().contiguous().clone()
         return out
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, zero1=False, muon=None):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps, device_type, zero1=False,
+                             muon=None):
         """AdamW; with muon (Muon's keyword arguments) the blocks' matrices go to Muon, the rest to AdamW."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        to_muon = lambda n, p: muon is not None and n.startswith("transformer.h.") and p.dim() == 2  # noqa: E731
+        def to_muon(n, p):
+            return muon is not None and n.startswith("transformer.h.") and p.dim() == 2
         # decay matmul weights and embeddings (2-D); never biases or LayerNorm gains (1-D)
         decay = [p for n, p in named if p.dim() >= 2 and not to_muon(n, p)]
         no_decay = [p for n, p in named if p.dim() < 2]
@@ -378,8 +362,8 @@ class GPT(nn.Module):
         kwargs = dict(lr=learning_rate, betas=betas, eps=eps, fused=fused)
         if zero1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            adamw = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, weight_decay=weight_decay,
-                                            **kwargs)
+            adamw = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW,
+                                            weight_decay=weight_decay, **kwargs)
             adamw.add_param_group({"params": no_decay, "weight_decay": 0.0})
         else:
             adamw = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -403,9 +387,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
-        """Appends max_new_tokens to idx (B, T), recomputing the last block_size tokens for each one: plain,
-        for the samples printed in training (sample.py has the fast KV-cache engine, with the same draws).
-        temperature 0 is greedy; otherwise a top-k sample (top_k 0: all)."""
+        """idx (B, T) + max_new_tokens, each recomputing the last block_size tokens: samples training prints
+        (sample.py: the fast KV-cache engine, same draws). temperature 0: greedy; else top-k (0: all)."""
         was_training = self.training
         self.eval()
         for _ in range(max_new_tokens):
@@ -463,36 +446,6 @@ def download_shakespeare(path):
     os.replace(tmp, path)
 
 
-def load_shard(path, vocab_size=50257, ids=True):
-    """A shard memory-mapped and checked: 1-D uint16, the size its header says, (if ids) ids < vocab_size."""
-    fix = "rebuild the folder with fineweb.py (delete it, rerun the same command)"
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # shorter than its header says (the mmap fails), not a .npy, ...
-        raise ConfigError(f"shard {path} is unreadable or truncated ({e}); {fix}") from None
-    if arr.dtype != np.uint16 or arr.ndim != 1:
-        raise ConfigError(f"shard {path} holds {arr.dtype} {arr.shape}, not a 1-D uint16 token array; {fix}")
-    if len(arr) == 0 or arr.offset + arr.nbytes != os.path.getsize(path):
-        raise ConfigError(f"shard {path} is empty or longer than its header says; {fix}")
-    if ids and int(arr.max()) >= vocab_size:
-        raise ConfigError(f"shard {path} holds token ids >= {vocab_size}; {fix}")
-    return arr
-
-
-def find_shards(folder):
-    """(train shard paths, val shard paths) of a fineweb.py output folder, told apart by name pattern."""
-    hint = "create it with: python fineweb.py (or pass --data=input.txt)"
-    if not os.path.isdir(folder):
-        raise ConfigError(f"--data={folder}: no such shard folder; {hint}")
-    # fineweb.py's names, PREFIX_val_000000.npy and PREFIX_train_000001.npy: a prefix may contain "val" too
-    found = [m for n in sorted(os.listdir(folder)) if (m := re.fullmatch(r"(.+)_(train|val)_\d+\.npy", n))]
-    train, val = ([os.path.join(folder, m[0]) for m in found if m[2] == split] for split in ("train", "val"))
-    if not train or not val:
-        raise ConfigError(f"--data={folder}: needs *train*.npy and *val*.npy shards, found "
-                          f"{len(train)} and {len(val)}; {hint}")
-    return train, val
-
-
 class Source:
     """A token array split into documents at each <|endoftext|>, readable in a permuted order."""
 
@@ -521,26 +474,21 @@ class Source:
         if perm is None:
             return np.asarray(self.arr[offset:offset + n])
         bounds = self.doc_bounds()
-        lengths = np.diff(bounds)[perm]
-        ends = np.cumsum(lengths)
+        ends = np.cumsum(np.diff(bounds)[perm])
         i = int(np.searchsorted(ends, offset, side="right"))
         pieces, skip = [], offset - (ends[i - 1] if i > 0 else 0)
         while n > 0:
             d = perm[i]
-            piece = self.arr[bounds[d] + skip:min(bounds[d + 1], bounds[d] + skip + n)]
-            pieces.append(np.asarray(piece))
-            n -= len(piece)
+            pieces.append(np.asarray(self.arr[bounds[d] + skip:min(bounds[d + 1], bounds[d] + skip + n)]))
+            n -= len(pieces[-1])
             i, skip = i + 1, 0
         return np.concatenate(pieces)
 
 
 class DataLoaderLite:
-    """
-    Reads (B, T) inputs and targets from a list of sources as one endless stream: a batch that
-    runs off the end of a source continues in the next, and after the last the next epoch starts.
-    Rank r of W takes the r-th B*T window of every W consecutive ones, so ranks are disjoint and
-    together cover the stream. The position is global (in tokens), so it does not depend on W.
-    """
+    """(B, T) inputs and targets from a list of sources read as one endless stream, epoch after epoch. Rank
+    r of W takes the r-th B*T window of every W: ranks are disjoint and together cover the stream. The
+    position is global (in tokens), so it does not depend on W."""
 
     def __init__(self, sources, B, T, rank=0, world_size=1, shuffle=False, seed=0):
         self.sources, self.B, self.T = sources, B, T
@@ -624,18 +572,19 @@ def val_windows(sources, B, T, val_tokens):
     if n == 0:  # a larger --val_tokens cannot help a split shorter than one batch
         short, fix = ((f"--val_tokens={val_tokens}", "raise --val_tokens") if val_tokens < total - 1 else
                       (f"the val split ({total} tokens)", "lower --batch_size or --block_size"))
-        raise ConfigError(f"{short} is smaller than one batch of --batch_size*--block_size={B * T} tokens; {fix}")
+        raise ConfigError(f"{short} is smaller than one batch of --batch_size*--block_size={B * T} tokens; "
+                          f"{fix}")
     return n
 
 
 def build_data(cfg, B, T, rank, world_size):
     """(train loader, val sources) for --data: a text file or a fineweb.py shard folder."""
     if os.path.isdir(cfg.data) or not os.path.splitext(cfg.data)[1]:
-        import fineweb
-        paths = find_shards(cfg.data)
+        import fineweb  # the shard format's owner: it writes, finds and checks them
+        paths = fineweb.find_shards(cfg.data)
         # each shard's header and size, and the manifest, now; its ids (a full read) when it is first read
-        train, val = ([Source(lambda p=p: load_shard(p), len(load_shard(p, ids=False))) for p in ps]
-                      for ps in paths)
+        train, val = ([Source(lambda p=p: fineweb.load_shard(p), len(fineweb.load_shard(p, ids=False)))
+                       for p in ps] for ps in paths)
         names = [os.path.basename(p) for p in sum(paths, [])]
         fineweb.verify_shards(cfg.data, names, cfg.verify_shards, ConfigError)
     else:
@@ -706,18 +655,14 @@ def model_from_checkpoint(path, device="cpu"):
     return model.to(device)
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers
+# Training
 
 
 def fmt_count(x):
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
 
-# ----------------------------------------------------------------------------------------------
-# Training
 
-
-def print0(*args, **kwargs):
-    """print on rank 0 only (torchrun's RANK; a single process is rank 0)."""
+def print0(*args, **kwargs):  # print on rank 0 only (torchrun's RANK; a single process is rank 0)
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs)
 
@@ -761,8 +706,7 @@ def set_up(cfg):
     B, T = cfg.batch_size or auto_batch_size(cfg, d), cfg.block_size
     if cfg.total_batch_size % (B * T * d.world_size) != 0:
         raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of --batch_size * "
-                          f"--block_size * world size = {B}*{T}*{d.world_size}; make it a multiple of "
-                          f"{B * T * d.world_size}")
+                          f"--block_size * world size = {B}*{T}*{d.world_size} = {B * T * d.world_size}")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
@@ -818,27 +762,9 @@ def restore(r, ckpt):
         run_dir.set_rng_state(ckpt["rng"])
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
         why = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ConfigError(f"--resume={r.cfg.resume}: its optimizer or RNG state does not fit this run ({why}); "
-                          f"pass another checkpoint") from None
+        raise ConfigError(f"--resume={r.cfg.resume}: its optimizer or RNG state does not fit this run "
+                          f"({why}); pass another checkpoint") from None
     return ckpt["step"], ckpt.get("val_loss")
-
-
-def load_hellaswag(cfg, d):
-    if not cfg.hellaswag:
-        return None
-    import hellaswag
-    items, error = None, None
-    for master_turn in (True, False):  # rank 0 downloads the file first, the others then read it
-        if master_turn == d.master:
-            try:
-                items = hellaswag.load_items(cfg.hellaswag_path or None)
-            except hellaswag.HellaSwagError as e:
-                error = ConfigError(f"--hellaswag_path: {e}")
-        if master_turn:  # a failure on rank 0 stops every rank, with one line each
-            run_dir.agree(error if d.master else None, d.world_size, d.device)
-    if error is not None:
-        raise error
-    return items
 
 
 def print_start(r, ckpt, start_step, peak):
@@ -863,11 +789,11 @@ def print_start(r, ckpt, start_step, peak):
 class StopSignal:
     """Preemption, Ctrl-C: the step finishes, a checkpoint is written, the run exits; a second one kills."""
 
+    signum = 0
+
     def __init__(self, install):
-        self.signum = 0
-        if install:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(s, self._on_signal)
+        for s in (signal.SIGTERM, signal.SIGINT) if install else ():
+            signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self.signum = signum
@@ -886,12 +812,11 @@ def evaluate(r, step):
     r.log.eval(step, "val", val_loss)
     if r.hellaswag_items is not None:
         import hellaswag
-        counts = hellaswag.evaluate_counts(r.raw_model, r.hellaswag_items, d.device, d.rank, d.world_size,
-                                           autocast=r.autocast, batch_size=max(1, r.B // 4))
-        acc_norm = counts["correct_norm"] / max(1, counts["total"])
-        print0(f"step {step} | hellaswag acc_norm {acc_norm:.4f} "
-               f"({counts['correct_norm']}/{counts['total']})")
-        r.log.eval(step, "hella", acc_norm, n=counts["total"])
+        c = hellaswag.evaluate_counts(r.raw_model, r.hellaswag_items, d.device, d.rank, d.world_size,
+                                      autocast=r.autocast, batch_size=max(1, r.B // 4))
+        print0(f"step {step} | hellaswag acc_norm {c['correct_norm'] / c['total']:.4f} "
+               f"({c['correct_norm']}/{c['total']})")
+        r.log.eval(step, "hella", c["correct_norm"] / c["total"], n=c["total"])
     if d.master and cfg.num_samples > 0:
         with r.autocast:
             for text in sample_texts(r.raw_model, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens,
@@ -933,11 +858,9 @@ def train_step(r, step):
 
 
 def update(r, step, loss, norm, flag):
-    """The optimizer step and the step's one host sync: (loss, grad norm, stop flag) as Python floats.
-
-    The step is queued before the sync, so the GPU never waits for the host to launch the optimizer; a NaN/inf
-    then stops the run, and checkpoint() is never reached with those weights. --skip_nonfinite reads first
-    and steps only if all is finite: a NaN step is never applied, at the price of that wait."""
+    """The optimizer step and the step's one host sync, (loss, grad norm, stop flag) as floats. The step is
+    queued first, so the GPU never waits for the host to launch the optimizer; a NaN/inf then stops the run
+    before any checkpoint. --skip_nonfinite reads first and steps only if all is finite."""
     skip = r.cfg.skip_nonfinite
     if not skip:
         r.optimizer.step()
@@ -992,10 +915,12 @@ def train(cfg, explicit=None):
                f"longer, pass --max_steps=N (N > {n}) with --resume" if n >= cfg.max_steps else
                f"{cfg.resume}: {n} steps are done, --stop_step={cfg.stop_step} asks for none; raise it")
         return {"step": n - 1, "val_loss": val_loss}
-    r.hellaswag_items = load_hellaswag(cfg, d)
-    if not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up; None elsewhere
-        r.folder = run_dir.open_run_dir(d.master, d.world_size, d.device, cfg.log_dir, ckpt, cfg.resume or None,
-                                        cfg.start_over)
+    if cfg.hellaswag:  # rank 0 downloads it first; a bad file stops every rank, with one line each
+        import hellaswag
+        r.hellaswag_items = hellaswag.load_items_on_ranks(cfg.hellaswag_path or None, d, run_dir.agree)
+    if not cfg.eval_only:  # rank 0 locks log_dir, names this run's checkpoints, lines the log up
+        r.folder = run_dir.open_run_dir(d.master, d.world_size, d.device, cfg.log_dir, ckpt,
+                                        cfg.resume or None, cfg.start_over)
     flops_per_step = r.raw_model.flops_per_token() * cfg.total_batch_size
     peak = measure_peak_flops(d.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     print_start(r, ckpt, start_step, peak)
@@ -1011,8 +936,7 @@ def train(cfg, explicit=None):
         last_step = step == cfg.max_steps - 1
         if cfg.eval_interval > 0 and step % cfg.eval_interval == 0 and not (scored and step == start_step):
             val_loss = evaluate(r, step)
-        # one optimizer step
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # one optimizer step
         loss_accum, norm, lr = train_step(r, step)
         # all ranks agree on stopping: a signal seen by any rank stops them all after this step
         flag = torch.full((1,), float(stop.signum), device=d.device)  # a fill kernel: no copy, no host sync
@@ -1021,7 +945,6 @@ def train(cfg, explicit=None):
         loss_val, norm_val, signum = update(r, step, loss_accum, norm, flag)  # the step's one host sync
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        # log
         mfu = flops_per_step / dt / (peak * d.world_size)
         print0(f"step {step}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.1e} | norm {norm_val:.2f} | "
                f"dt {dt * 1000:.0f}ms | tok/s {fmt_count(cfg.total_batch_size / dt)} | mfu {mfu * 100:.0f}%")
@@ -1067,12 +990,9 @@ def main(argv):
         given = flags.parse_flags(TrainConfig, argv, {"resume": "latest"})
         explicit = {**PRESETS.get(cfg.preset, {}), **given}
         train(cfg, explicit)
-    except ConfigError as e:  # run_dir's RunDirError too
+    except (ConfigError, FloatingPointError) as e:  # bad input (RunDirError too): 2; a diverged run: 1
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1
     return 0
 
 

@@ -131,7 +131,7 @@ def test_prefix_containing_val_keeps_train_and_val_apart(tmp_path):
     docs = write_jsonl(tmp_path / "docs.jsonl", random_docs(30, 1, (50, 200)))
     assert fineweb.main(["--files", docs, "--out", str(out), "--shard_size=1000", "--prefix=eval",
                          "--no_progress", "--workers=1"]) == 0
-    train, val = train_gpt2.find_shards(str(out))
+    train, val = fineweb.find_shards(str(out))
     assert [os.path.basename(p) for p in val] == ["eval_val_000000.npy"]
     assert [os.path.basename(p) for p in train] == [f"eval_train_{i:06d}.npy" for i in range(1, len(train) + 1)]
     assert len(train) >= 2

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import fineweb
 from conftest import FINEWEB, ROOT
-from train_gpt2 import find_shards, load_shard
+from fineweb import find_shards, load_shard
 
 SHARD = 20_000  # tokens per shard in these tests: several shards from a few hundred kB of text
 

@@ -11,8 +11,8 @@ import fineweb
 import train_gpt2
 from test_fineweb import random_docs, write_jsonl
 from device import DistInfo
-from train_gpt2 import (EOT, ConfigError, DataLoaderLite, GPT, GPTConfig, Source, build_data,
-                        evaluate_loss, find_shards, load_shard)
+from fineweb import find_shards, load_shard
+from train_gpt2 import EOT, ConfigError, DataLoaderLite, GPT, GPTConfig, Source, build_data, evaluate_loss
 
 
 def save(path, arr):
