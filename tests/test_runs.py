@@ -270,6 +270,8 @@ def test_a_lock_only_rank_0_sees_stops_both_ranks_with_one_line(data, tmp_path):
     # torchrun's own report of a failed child, none from a trainer's frames
     assert "is in use by another training run" in out.stderr, out.stderr[-3000:]
     assert "error: rank 0 refused the run: see its error line" in out.stderr
-    assert out.stderr.count("exitcode  : 2") == 2 and 'train_gpt2.py", line' not in out.stderr
+    # exit 2 on each rank torchrun saw end (it may stop rank 1 itself once rank 0 has ended); a traceback is 1
+    assert "exitcode  : 2" in out.stderr and "exitcode  : 1 " not in out.stderr
+    assert 'train_gpt2.py", line' not in out.stderr
     assert "Connection closed by peer" not in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["lock"]
