@@ -23,3 +23,9 @@ def data_file(name):
 
 
 shared_file = data_file  # the name tests used while the data lived in ../shared
+
+
+def pytest_configure(config):
+    # torch's own: inductor's CPU backend imports torch.utils.mkldnn, which calls torch.jit.script_method
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
