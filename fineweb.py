@@ -38,8 +38,6 @@ from collections import deque
 
 import numpy as np
 
-from flags import ConfigError  # what train_gpt2.py raises for its --data
-
 EOT = 50256  # <|endoftext|>: delimits documents, as in GPT-2's training data
 SHARD_SIZE = 100_000_000  # tokens per shard, as in build-nanogpt: 10B tokens -> 100 shards
 FORMAT = 1  # layout version of shards + manifest; a folder of another version is not resumed
@@ -546,6 +544,7 @@ def open_manifest(out, params):
 
 def load_shard(path, vocab_size=50257, ids=True):
     """A shard memory-mapped and checked: 1-D uint16, the size its header says, (if ids) ids < vocab_size."""
+    from flags import ConfigError  # what train_gpt2.py raises for its --data
     fix = "rebuild the folder with fineweb.py (delete it, rerun the same command)"
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -562,6 +561,7 @@ def load_shard(path, vocab_size=50257, ids=True):
 
 def find_shards(folder):
     """(train shard paths, val shard paths) of a fineweb.py output folder, told apart by name pattern."""
+    from flags import ConfigError
     hint = "create it with: python fineweb.py (or pass --data=input.txt)"
     if not os.path.isdir(folder):
         raise ConfigError(f"--data={folder}: no such shard folder; {hint}")

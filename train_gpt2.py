@@ -706,7 +706,8 @@ def set_up(cfg):
     B, T = cfg.batch_size or auto_batch_size(cfg, d), cfg.block_size
     if cfg.total_batch_size % (B * T * d.world_size) != 0:
         raise ConfigError(f"--total_batch_size={cfg.total_batch_size} is not a multiple of --batch_size * "
-                          f"--block_size * world size = {B}*{T}*{d.world_size} = {B * T * d.world_size}")
+                          f"--block_size * world size = {B}*{T}*{d.world_size}; make it a multiple of "
+                          f"{B * T * d.world_size}")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
@@ -958,7 +959,7 @@ def train(cfg, explicit=None):
             checkpoint(r, step + 1, val_loss)
         if stopping:
             print0(f"stopped after step {step} ({step + 1} steps done)"
-                   + (f" on signal {signum}" if signum else "") + "; continue with --resume")
+                   + (f" on signal {int(signum)}" if signum else "") + "; continue with --resume")
             break
 
     # finish

@@ -169,7 +169,8 @@ def test_a_second_trainer_is_refused_and_kill_9_leaves_no_stale_lock(data, tmp_p
             f"ckpt_000009.pt.{os.getpid()}x.tmp", f"ckpt_000009.pt.{os.getppid()}.tmp"]  # last: a live pid
     for name in mine:
         (tmp_path / name).write_bytes(b"mine")
-    assert train(data, tmp_path, "--resume", "--max_steps=3") == 0  # the lock died with the process
+    done = max(int(p.name[5:11]) for p in tmp_path.glob("ckpt_*.pt"))  # steps the killed run finished
+    assert train(data, tmp_path, "--resume", f"--max_steps={done + 2}") == 0  # the lock died with the process
     assert sorted(p.name for p in tmp_path.glob("*.tmp")) == sorted(mine)
     steps = [s for s, _ in read_log(tmp_path)]
     assert steps == list(range(len(steps)))
@@ -239,7 +240,8 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_one_before(data, t
     assert train(data, tmp_path) == 2
     err = one_line_error(capsys)
     assert f"writing {tmp_path / 'ckpt_000004.pt'} failed" in err and "is the disk full?" in err
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "lock", "log.txt", "run.json"]  # no partial
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "config.json", "lock", "log.txt", "metrics.jsonl",
+                                            "run.json"]  # no partial checkpoint
     monkeypatch.undo()
     assert train_gpt2.run_dir.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_000002.pt")
     assert train(data, tmp_path, "--resume") == 0  # the one before is intact
