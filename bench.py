@@ -787,7 +787,8 @@ def print_report(report):
                                        else "resident memory sampled every ms") + ").")
 
 def decode_truth(m):
-    """How far a decode method is from HF's greedy tokens: the first divergence, the teacher-forced logit gap."""
+    """How far a decode method is from HF's greedy tokens: the first divergence, the teacher-forced
+    logit gap."""
     first = "identical to HF" if m.get("first_divergence") is None else \
         f"first differs from HF at token {m['first_divergence']}"
     out = f"{first}, max |logit diff| {m.get('max_logit_diff', 0.0):.1e}"

@@ -23,7 +23,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, vocab_size, chunk_rows, padded):
         device_type = x.device.type
         # the matmuls run in the autocast dtype like any nn.Linear would; the softmax in fp32
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else weight.dtype)
         with torch.autocast(device_type, enabled=False):
             # padded: all of weight's rows (50304 = 2**7 * 393 tiles evenly on a GPU; 50257 is odd, so every
             # bf16 row of the logits would be misaligned), the padded logits masked out of the softmax

@@ -9,7 +9,8 @@ DATA = os.path.join(ROOT, "tests", "data")  # small real samples: see tests/data
 SHARED = os.environ.get("TEST_SHARED_DATA", "")
 
 SHAKESPEARE = os.path.join(ROOT, "input.txt")  # tiny shakespeare, committed
-HELLASWAG = os.path.join(SHARED, "hellaswag_val_500.jsonl") if SHARED else os.path.join(DATA, "hellaswag_val_40.jsonl")
+HELLASWAG = (os.path.join(SHARED, "hellaswag_val_500.jsonl") if SHARED
+             else os.path.join(DATA, "hellaswag_val_40.jsonl"))
 FINEWEB = [os.path.join(SHARED or DATA, f"fineweb_sample_00000{i}.parquet") for i in (1, 2)]
 REFERENCE_EVALS = os.path.join(ROOT, "reference", "build_nanogpt_124M_2xH100_evals.tsv")
 

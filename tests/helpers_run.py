@@ -15,7 +15,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def command(args, nproc=1):
     if nproc == 1:
         return [sys.executable, SCRIPT, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            SCRIPT, *args]
 
 
 def run(args, nproc=1, check=True, timeout=300):

@@ -18,7 +18,8 @@ from conftest import ROOT
 from test_fineweb import random_docs, write_jsonl
 
 # a model small enough that a case which is (wrongly) accepted still finishes in about a second
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--total_batch_size=32",
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2",
+        "--total_batch_size=32",
         "--val_tokens=64", "--dtype=float32", "--num_samples=0", "--max_steps=1", "--warmup_steps=0",
         "--eval_interval=0", "--compile=false", "--device=cpu"]
 
@@ -39,7 +40,8 @@ def one_error_line(capsys, rc, *names):
 
 
 def shard_folder(folder, n_train, tokens=200, prefix="edufineweb"):
-    """A fineweb.py-style folder of random shards with no manifest: PREFIX_val_000000.npy, PREFIX_train_00000i.npy."""
+    """A fineweb.py-style folder of random shards with no manifest: PREFIX_val_000000.npy,
+    PREFIX_train_00000i.npy."""
     folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n_train + 1):
@@ -47,7 +49,8 @@ def shard_folder(folder, n_train, tokens=200, prefix="edufineweb"):
     return str(folder)
 
 
-# each bad-input case of train_gpt2.py: (extra flags, what the error line must name); {tmp} is the test's folder
+# each bad-input case of train_gpt2.py: (extra flags, what the error line must name);
+# {tmp} is the test's folder
 CASES = {
     "batch_size=-2": (["--batch_size=-2"], ["--batch_size=-2"]),
     "block_size=0": (["--block_size=0"], ["--block_size=0"]),
@@ -58,10 +61,12 @@ CASES = {
     "seed=-1": (["--seed=-1"], ["--seed=-1"]),
     "seed=2**32": (["--seed=4294967296"], ["--seed=4294967296", "2**32"]),
     "beta2=1.5": (["--beta2=1.5"], ["--beta2"]),
-    "empty sample_prompt": (["--sample_prompt=", "--num_samples=1", "--eval_interval=1"], ["--sample_prompt"]),
+    "empty sample_prompt": (["--sample_prompt=", "--num_samples=1", "--eval_interval=1"],
+                            ["--sample_prompt"]),
     "device=mps": (["--device=mps"], ["--device=mps", "--device=cpu"]),
     # before any download: GPT-2's names have 1024 positions
-    "init_from=gpt2,block_size=2048": (["--init_from=gpt2", "--block_size=2048"], ["--block_size=2048", "1024"]),
+    "init_from=gpt2,block_size=2048": (["--init_from=gpt2", "--block_size=2048"],
+                                       ["--block_size=2048", "1024"]),
     "non-UTF-8 text": (["--data={tmp}/latin1.txt"], ["latin1.txt", "UTF-8"]),
     "one .npy file": (["--data={tmp}/shards/edufineweb_train_000001.npy"], ["--data=", "folder"]),
     "log_dir is a file": (["--log_dir={tmp}/a_file"], ["--log_dir=", "a_file", "it is a file"]),
@@ -110,7 +115,8 @@ def test_cli_prints_no_traceback(tmp_path, flags, names):
                           f"--data={text_file(tmp_path / 'input.txt')}", f"--log_dir={tmp_path / 'log'}"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and all(n in out.stderr for n in names)
+    assert (out.stderr.startswith("error: ") and out.stderr.count("\n") == 1
+            and all(n in out.stderr for n in names))
 
 
 def test_negative_batch_size_does_not_train(tmp_path, capsys):
@@ -126,14 +132,16 @@ def test_negative_batch_size_does_not_train(tmp_path, capsys):
 
 
 def test_prefix_containing_val_keeps_train_and_val_apart(tmp_path):
-    """Issue 12 item 5: with --prefix=eval, every shard name contains "val", and train shards were read as val."""
+    """Issue 12 item 5: with --prefix=eval, every shard name contains "val", and train shards were read
+    as val."""
     out = tmp_path / "eval_shards"
     docs = write_jsonl(tmp_path / "docs.jsonl", random_docs(30, 1, (50, 200)))
     assert fineweb.main(["--files", docs, "--out", str(out), "--shard_size=1000", "--prefix=eval",
                          "--no_progress", "--workers=1"]) == 0
     train, val = fineweb.find_shards(str(out))
     assert [os.path.basename(p) for p in val] == ["eval_val_000000.npy"]
-    assert [os.path.basename(p) for p in train] == [f"eval_train_{i:06d}.npy" for i in range(1, len(train) + 1)]
+    assert ([os.path.basename(p) for p in train]
+            == [f"eval_train_{i:06d}.npy" for i in range(1, len(train) + 1)])
     assert len(train) >= 2
 
 
@@ -234,19 +242,20 @@ def test_non_utf8_hellaswag_file_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["state_dict", "text"])
 def test_foreign_checkpoint_is_one_line(tmp_path, capsys, kind):
-    """A file that is not one of our checkpoints: a bare state_dict was a KeyError in both scripts, a text file
-    an error message of many lines."""
+    """A file that is not one of our checkpoints: a bare state_dict was a KeyError in both scripts,
+    a text file an error message of many lines."""
     path = tmp_path / f"{kind}.pt"
     if kind == "state_dict":
-        torch.save(train_gpt2.GPT(train_gpt2.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)).state_dict(),
-                   path)
+        config = train_gpt2.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+        torch.save(train_gpt2.GPT(config).state_dict(), path)
     else:
         path.write_text("not a checkpoint\n" * 10)
     items = tmp_path / "hs.jsonl"
     items.write_text(json.dumps({"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
     one_error_line(capsys, hellaswag.main([f"--checkpoint={path}", f"--data_path={items}", "--device=cpu"]),
                    str(path), "ckpt_*.pt")
-    one_error_line(capsys, export_hf.main([f"--checkpoint={path}", f"--out={tmp_path / 'hf'}"]), str(path), "ckpt_*.pt")
+    one_error_line(capsys, export_hf.main([f"--checkpoint={path}", f"--out={tmp_path / 'hf'}"]),
+                   str(path), "ckpt_*.pt")
     assert not (tmp_path / "hf").exists()  # refused before --out was made: no empty folder left behind
 
 

@@ -13,8 +13,8 @@ STEPS = 6
 
 def args(data, log_dir, extra=()):
     return [f"--data={data}", f"--log_dir={log_dir}", f"--max_steps={STEPS}", "--warmup_steps=2",
-            "--eval_interval=3", "--num_samples=0", "--checkpoint_interval=0", *TINY, "--total_batch_size=512",
-            *extra]
+            "--eval_interval=3", "--num_samples=0", "--checkpoint_interval=0", *TINY,
+            "--total_batch_size=512", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -100,4 +100,5 @@ def test_world_size_that_does_not_divide_the_batch(single_process, tmp_path):
     data, _ = single_process
     out = run(args(data, tmp_path, ["--total_batch_size=384"]), nproc=2, check=False)
     assert out.returncode != 0
-    assert "--total_batch_size=384 is not a multiple of --batch_size * --block_size * world size = 4*32*2" in out.stderr
+    assert ("--total_batch_size=384 is not a multiple of --batch_size * --block_size * world size = 4*32*2"
+            in out.stderr)

@@ -1,4 +1,5 @@
-"""train_gpt2's token-stream loader: exact windows, ranks, shard boundaries, shuffle, resume, val loss, bad shards."""
+"""train_gpt2's token-stream loader: exact windows, ranks, shard boundaries, shuffle, resume, val loss,
+bad shards."""
 import json
 import re
 from contextlib import nullcontext
@@ -93,7 +94,8 @@ def test_shard_boundaries_lose_no_token(tmp_path):
     """fineweb.py shards through build_data: the train stream is the train shards back to back, cycled."""
     files = [write_jsonl(tmp_path / "docs.jsonl", random_docs(80, seed=4))]
     out = str(tmp_path / "shards")
-    assert fineweb.main(["--files", *files, "--out", out, "--shard_size=20000", "--workers=1", "--no_progress"]) == 0
+    assert fineweb.main(["--files", *files, "--out", out, "--shard_size=20000", "--workers=1",
+                         "--no_progress"]) == 0
     train_paths, val_paths = find_shards(out)
     assert len(train_paths) >= 3 and len(val_paths) == 1
     B, T = 3, 257  # 771-token windows: never aligned with the 20,000-token shards

@@ -23,7 +23,8 @@ def test_notebook_plots_and_samples_a_tiny_run(tmp_path, monkeypatch):
     from nbclient import NotebookClient
     spec = KernelSpecManager().get_kernel_spec("python3")
     # jupyter_client starts a bare "python" argv as sys.executable, i.e. this venv's python
-    if spec.argv[0] not in ("python", "python3") and os.path.realpath(spec.argv[0]) != os.path.realpath(sys.executable):
+    if (spec.argv[0] not in ("python", "python3")
+            and os.path.realpath(spec.argv[0]) != os.path.realpath(sys.executable)):
         pytest.skip(f"kernel python3 runs {spec.argv[0]}, not {sys.executable}")
 
     # a tiny run with HellaSwag on a few real items, so the log has all three kinds of lines
@@ -36,7 +37,8 @@ def test_notebook_plots_and_samples_a_tiny_run(tmp_path, monkeypatch):
     assert train_gpt2.main([
         f"--data={data}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--total_batch_size=128", "--max_steps=4", "--eval_interval=2", "--dtype=float32", "--device=cpu",
-        f"--log_dir={log_dir}", "--num_samples=0", "--val_tokens=1024", "--hellaswag", f"--hellaswag_path={hella}",
+        f"--log_dir={log_dir}", "--num_samples=0", "--val_tokens=1024", "--hellaswag",
+        f"--hellaswag_path={hella}",
         "--sample_prompt=ROMEO:",  # the notebook samples with the run's own prompt
     ]) == 0
     with open(log_dir / "log.txt") as f:

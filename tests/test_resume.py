@@ -114,7 +114,8 @@ def poison_training_loss(monkeypatch, when, value):
 
 def test_nan_stops_with_message_and_keeps_last_good_checkpoint(reference, tmp_path, monkeypatch, capsys):
     data, _ = reference
-    poison_training_loss(monkeypatch, lambda call: call == 8 * 3 + 1, float("nan"))  # step 3's first micro-step
+    # step 3's first micro-step
+    poison_training_loss(monkeypatch, lambda call: call == 8 * 3 + 1, float("nan"))
     rc = train_gpt2.main(args(data, tmp_path, ["--checkpoint_interval=2"]))
     err = capsys.readouterr().err
     assert rc == 1 and "step 3: non-finite loss nan" in err and "ckpt_000002.pt" in err
@@ -126,7 +127,8 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(reference, tmp_pa
 def test_skip_nonfinite_skips_the_step(reference, tmp_path, monkeypatch):
     data, _ = reference
     poison_training_loss(monkeypatch, lambda call: call > 8 * 2, float("inf"))  # every step from step 2 on
-    assert train_gpt2.main(args(data, tmp_path, ["--skip_nonfinite", "--max_steps=4", "--checkpoint_interval=2"])) == 0
+    assert train_gpt2.main(args(data, tmp_path, ["--skip_nonfinite", "--max_steps=4",
+                                                 "--checkpoint_interval=2"])) == 0
     at2, at4 = final_params(tmp_path, 2), final_params(tmp_path, 4)
     assert all(torch.equal(at2[k], at4[k]) for k in at2)  # skipped steps changed nothing
 
@@ -154,13 +156,15 @@ def test_resume_with_another_optimizer_is_refused(reference, tmp_path, capsys):
     ckpt = str(ref_dir / f"ckpt_{STEPS:06d}.pt")
     assert train_gpt2.main(args(data, tmp_path, [f"--resume={ckpt}", "--optimizer=muon"])) == 2
     err = capsys.readouterr().err
-    assert "--optimizer=muon differs from the checkpoint's; resume with its own" in err and err.count("\n") == 1
+    assert ("--optimizer=muon differs from the checkpoint's; resume with its own" in err
+            and err.count("\n") == 1)
 
 
 def test_block_size_beyond_the_pretrained_model(tmp_path, capsys, reference):
     from transformers import GPT2Config, GPT2LMHeadModel
     data, _ = reference
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16)).save_pretrained(tmp_path / "hf")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16)).save_pretrained(
+        tmp_path / "hf")
     assert train_gpt2.main(args(data, tmp_path, [f"--init_from={tmp_path / 'hf'}"])) == 2
     assert "--block_size=32 exceeds" in capsys.readouterr().err
 

@@ -21,8 +21,9 @@ def data(tmp_path_factory):
 
 
 def args(data, log_dir, extra=()):
-    return [f"--data={data}", f"--log_dir={log_dir}", "--max_steps=8", "--warmup_steps=2", "--eval_interval=0",
-            "--num_samples=0", "--checkpoint_interval=2", "--keep_checkpoints=0", *TINY, *extra]
+    return [f"--data={data}", f"--log_dir={log_dir}", "--max_steps=8", "--warmup_steps=2",
+            "--eval_interval=0", "--num_samples=0", "--checkpoint_interval=2", "--keep_checkpoints=0",
+            *TINY, *extra]
 
 
 def train(data, log_dir, *extra):
@@ -58,7 +59,8 @@ def test_a_fresh_run_in_a_used_log_dir_is_refused_until_start_over(data, tmp_pat
     # the quickstart, run twice: refused with the same one line before any data or model is loaded
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "ckpt_000300.pt").write_bytes(b"")
-    assert train_gpt2.main(["--preset=shakespeare", f"--log_dir={tmp_path / 'q'}", "--data=/nonexistent.txt"]) == 2
+    assert train_gpt2.main(["--preset=shakespeare", f"--log_dir={tmp_path / 'q'}",
+                            "--data=/nonexistent.txt"]) == 2
     assert "holds the checkpoints of another run (newest: " in one_line_error(capsys)
 
 
@@ -74,7 +76,8 @@ def test_resuming_an_older_checkpoint_branches_off_without_touching_the_newer_fi
     assert train(data, tmp_path, "--resume", "--keep_checkpoints=1") == 0
     assert "resuming at step 6" in capsys.readouterr().out
     assert files(tmp_path).keys() == {*first, "ckpt_000008_b1.pt"}  # clean-up deleted only the branch's own
-    assert train_gpt2.run_dir.list_checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt_000008_b1.pt")]  # what play.ipynb shows
+    # what play.ipynb shows
+    assert train_gpt2.run_dir.list_checkpoints(str(tmp_path)) == [str(tmp_path / "ckpt_000008_b1.pt")]
     assert [s for s, _ in read_log(tmp_path)] == list(range(8))
     # the branch trained on the same config: it is the same run as the one it left
     a = torch.load(tmp_path / "ckpt_000008.pt", weights_only=True)["model"]
@@ -143,7 +146,8 @@ def test_skip_nonfinite_stops_when_the_weights_themselves_are_gone(data, tmp_pat
     poison_weights_after(monkeypatch, 3, lambda m: m.lm_head.weight.fill_(float("inf")))
     assert train(data, tmp_path, "--skip_nonfinite") == 1
     err = capsys.readouterr().err
-    assert "step 3: non-finite loss nan" in err and f"last good checkpoint: {tmp_path / 'ckpt_000002.pt'}" in err
+    assert ("step 3: non-finite loss nan" in err
+            and f"last good checkpoint: {tmp_path / 'ckpt_000002.pt'}" in err)
     assert sorted(files(tmp_path)) == ["ckpt_000002.pt"]
     good = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in good["model"].values())
@@ -158,7 +162,8 @@ def test_a_second_trainer_is_refused_and_kill_9_leaves_no_stale_lock(data, tmp_p
             assert proc.poll() is None and time.time() - t0 < 120, proc.stderr.read()
             time.sleep(0.05)
         assert train(data, tmp_path, "--resume") == 2
-        assert f"--log_dir={tmp_path} is in use by another training run (pid {proc.pid} on " in one_line_error(capsys)
+        assert (f"--log_dir={tmp_path} is in use by another training run (pid {proc.pid} on "
+                in one_line_error(capsys))
     finally:
         proc.kill()
         proc.wait()
@@ -215,7 +220,8 @@ def test_a_stalled_rank_fails_the_others_after_the_timeout_not_30_minutes(tmp_pa
         port = s.getsockname()[1]
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "PYTHONPATH": os.path.dirname(train_gpt2.__file__)}
-    procs = [subprocess.Popen([sys.executable, "-c", STALL], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, "-c", STALL],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         out, _ = procs[0].communicate(timeout=45)
@@ -240,8 +246,8 @@ def test_a_full_disk_mid_checkpoint_is_one_line_and_keeps_the_one_before(data, t
     assert train(data, tmp_path) == 2
     err = one_line_error(capsys)
     assert f"writing {tmp_path / 'ckpt_000004.pt'} failed" in err and "is the disk full?" in err
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "config.json", "lock", "log.txt", "metrics.jsonl",
-                                            "run.json"]  # no partial checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_000002.pt", "config.json", "lock", "log.txt",
+                                            "metrics.jsonl", "run.json"]  # no partial checkpoint
     monkeypatch.undo()
     assert train_gpt2.run_dir.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_000002.pt")
     assert train(data, tmp_path, "--resume") == 0  # the one before is intact

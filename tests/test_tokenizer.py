@@ -14,7 +14,8 @@ from conftest import FINEWEB, HELLASWAG, ROOT, SHAKESPEARE
 
 OPENAI = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 # no network: a proxy nobody listens on, and an empty tiktoken cache
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9"}
 
 
 def real_texts():
@@ -26,7 +27,8 @@ def real_texts():
             item = json.loads(line)
             texts += [item["ctx"]] + [" " + e for e in item["endings"]]
     texts += [t for path in FINEWEB for t in pq.read_table(path).column("text").to_pylist()]
-    return texts + ["héllo wörld 🤗 中文  \n\n\t  x", "  leading and trailing   ", "'s 've 're 'll 'd 'm 't", ""]
+    return texts + ["héllo wörld 🤗 中文  \n\n\t  x", "  leading and trailing   ",
+                    "'s 've 're 'll 'd 'm 't", ""]
 
 
 def tiktokens_own_gpt2(cache_dir, monkeypatch):
@@ -53,7 +55,8 @@ def test_same_ids_as_tiktoken_on_real_text(tmp_path, monkeypatch):
         assert ids == theirs.encode_ordinary(text)
         assert ours.decode(ids) == text
     assert ours.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-    assert ours.encode("a<|endoftext|>", allowed_special="all") == theirs.encode("a<|endoftext|>", allowed_special="all")
+    assert (ours.encode("a<|endoftext|>", allowed_special="all")
+            == theirs.encode("a<|endoftext|>", allowed_special="all"))
 
 
 def test_hugging_face_tokenizer_from_the_same_files():
@@ -68,7 +71,8 @@ def test_works_with_no_network_and_no_cache(tmp_path):
     env = {**os.environ, **OFFLINE, "TIKTOKEN_CACHE_DIR": str(tmp_path)}  # empty: nothing cached
     code = ("from train_gpt2 import get_tokenizer; import hellaswag, fineweb; "
             "print(get_tokenizer().encode('Hello, world'), fineweb.get_encoding() is get_tokenizer())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[15496, 11, 995] True", out.stderr[-2000:]
     assert os.listdir(tmp_path) == []  # and nothing was downloaded into the cache
 
@@ -81,7 +85,8 @@ def test_a_damaged_file_is_a_clear_error(tmp_path):
     spec = importlib.util.spec_from_file_location("gpt2_tokenizer_copy", copy / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with pytest.raises(module.TokenizerFilesError, match="vocab.bpe is not OpenAI's GPT-2 file .*git checkout"):
+    with pytest.raises(module.TokenizerFilesError,
+                       match="vocab.bpe is not OpenAI's GPT-2 file .*git checkout"):
         module.hf_tokenizer()
     os.remove(copy / "encoder.json")
     with pytest.raises(module.TokenizerFilesError, match="encoder.json: No such file"):

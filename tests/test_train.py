@@ -28,7 +28,8 @@ def shakespeare(tmp_path):
 
 def test_defaults_are_the_124M_reproduction():
     c = TrainConfig()
-    assert (c.batch_size, c.block_size, c.total_batch_size) == (0, 1024, 524288)  # B auto: 64, or 128 on 80 GB
+    # B auto: 64, or 128 on 80 GB
+    assert (c.batch_size, c.block_size, c.total_batch_size) == (0, 1024, 524288)
     assert (c.max_lr, c.warmup_steps, c.max_steps, c.weight_decay) == (6e-4, 715, 19073, 0.1)
     assert (c.beta1, c.beta2, c.eps, c.grad_clip, c.seed) == (0.9, 0.95, 1e-8, 1.0, 1337)
     assert c.max_lr * c.min_lr_ratio == pytest.approx(6e-5)
@@ -44,7 +45,8 @@ def test_cli_overrides_parse_with_their_types():
     c = parse_args(["--preset=shakespeare", "--max_steps=7"])
     assert c.data == "input.txt" and c.n_layer == 4 and c.max_steps == 7
     c = parse_args(["--preset=gpt2-fast"])  # the 124M model with Muon + WSD, 2B tokens, HellaSwag logged
-    assert (c.optimizer, c.lr_schedule, c.n_layer, c.hellaswag, c.eval_interval) == ("muon", "wsd", 12, True, 250)
+    assert ((c.optimizer, c.lr_schedule, c.n_layer, c.hellaswag, c.eval_interval)
+            == ("muon", "wsd", 12, True, 250))
     assert 1.9e9 < c.max_steps * c.total_batch_size <= 2e9
 
 
@@ -97,8 +99,9 @@ def test_loader_targets_are_inputs_shifted_and_wrap():
 
 def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
-    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}", f"--log_dir={log_dir}",
-           "--max_steps=6", "--eval_interval=3", "--checkpoint_interval=3", "--warmup_steps=2", *TINY]
+    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}",
+           f"--log_dir={log_dir}", "--max_steps=6", "--eval_interval=3", "--checkpoint_interval=3",
+           "--warmup_steps=2", *TINY]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "step 5/6 | loss" in out.stdout and "| tok/s" in out.stdout and "sample:" in out.stdout
@@ -107,8 +110,10 @@ def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
     assert [int(l.split()[0]) for l in train] == list(range(6))
     assert [l.split()[0] for l in lines if " val " in l] == ["0", "3", "6"]  # 6: after the last step
     # one numbering: the console's steps and losses are log.txt's, and so is the summary's last val loss
-    console = [l.split(" | ")[:2] for l in out.stdout.splitlines() if l.startswith("step ") and "/6 | loss" in l]
-    assert [(c[0], c[1]) for c in console] == [(f"step {s}/6", f"loss {float(v):.4f}") for s, _, v in map(str.split, train)]
+    console = [l.split(" | ")[:2] for l in out.stdout.splitlines()
+               if l.startswith("step ") and "/6 | loss" in l]
+    assert ([(c[0], c[1]) for c in console]
+            == [(f"step {s}/6", f"loss {float(v):.4f}") for s, _, v in map(str.split, train)])
     last_val = [l.split() for l in lines if " val " in l][-1]
     assert f"done: step 5 | val_loss {float(last_val[2]):.4f} |" in out.stdout
     assert float(train[-1].split()[2]) < float(train[0].split()[2])  # it learns
@@ -120,12 +125,13 @@ def test_end_to_end_run_writes_log_and_checkpoint(tmp_path, shakespeare):
     assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) > len("ROMEO:") for t in texts)
 
 
-def test_warns_when_warmup_outlasts_the_run_and_when_a_resume_changes_max_steps(tmp_path, shakespeare, capsys):
+def test_warns_when_warmup_outlasts_the_run_and_when_a_resume_changes_max_steps(
+        tmp_path, shakespeare, capsys):
     args = [f"--data={shakespeare}", f"--log_dir={tmp_path}", *TINY, "--num_samples=0", "--max_lr=1e-3"]
     assert train_gpt2.main([*args, "--max_steps=3", "--warmup_steps=5"]) == 0
     out = capsys.readouterr().out
-    assert "warning: --warmup_steps=5 >= --max_steps=3: the LR never leaves its warmup (it ends at 6.0e-04, " \
-           "not 1.0e-03); lower --warmup_steps" in out
+    assert ("warning: --warmup_steps=5 >= --max_steps=3: the LR never leaves its warmup "
+            "(it ends at 6.0e-04, not 1.0e-03); lower --warmup_steps" in out)
     assert train_gpt2.main([*args, "--resume", "--max_steps=6", "--warmup_steps=1"]) == 0
     out = capsys.readouterr().out
     lr = get_lr(3, TrainConfig(max_lr=1e-3, warmup_steps=1, max_steps=6))
@@ -136,9 +142,11 @@ def test_warns_when_warmup_outlasts_the_run_and_when_a_resume_changes_max_steps(
 
 def test_help_describes_every_flag(capsys):
     assert train_gpt2.main(["--help"]) == 0
-    lines = {l.split()[0].split("=")[0]: l for l in capsys.readouterr().out.splitlines() if l.startswith("  --")}
+    lines = {l.split()[0].split("=")[0]: l for l in capsys.readouterr().out.splitlines()
+             if l.startswith("  --")}
     assert list(lines) == [f"--{f}" for f in TrainConfig.__dataclass_fields__]
-    assert all(len(l.split(None, 1)) == 2 for l in lines.values()), [l for l in lines.values() if len(l.split()) < 2]
+    assert all(len(l.split(None, 1)) == 2 for l in lines.values()), \
+        [l for l in lines.values() if len(l.split()) < 2]
     assert lines["--compile"].split(None, 1)[1] == "torch.compile; unset: on for cuda only"
 
 
@@ -177,9 +185,10 @@ def test_compiled_training_still_evaluates_hellaswag_and_samples(tmp_path, shake
     with open(HELLASWAG) as f:
         items.write_text("".join(f.readlines()[:8]))
     log_dir = tmp_path / "log"
-    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}", f"--log_dir={log_dir}",
-           "--max_steps=2", "--eval_interval=1", "--compile=true", "--hellaswag", f"--hellaswag_path={items}",
-           *TINY, "--dtype=bfloat16", "--block_size=128", "--total_batch_size=512"]
+    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), f"--data={shakespeare}",
+           f"--log_dir={log_dir}", "--max_steps=2", "--eval_interval=1", "--compile=true", "--hellaswag",
+           f"--hellaswag_path={items}", *TINY, "--dtype=bfloat16", "--block_size=128",
+           "--total_batch_size=512"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("sample: ") == 3 and "hellaswag acc_norm" in out.stdout  # steps 0, 1, 2 (the end)
