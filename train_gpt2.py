@@ -103,12 +103,11 @@ class TrainConfig:
     seed: int = 1337  # seeds the weights, the data order (--shuffle) and the samples
 
 
-# A preset is only a dict of flag values; explicit flags still override it.
 SMALL = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, total_batch_size=4096,
              max_lr=4e-3, warmup_steps=20, max_steps=300, eval_interval=50, optimizer="muon", muon_lr=0.02,
              lr_schedule="wsd", decay_fraction=0.3, min_lr_ratio=0.0, checkpoint_interval=100, num_samples=2,
              sample_tokens=48, compile=True)  # compiled on a CPU too: faster steps after a ~30 s compile
-PRESETS = {
+PRESETS = {  # a preset is only a dict of flag values; explicit flags still override it
     # a 4-layer GPT on tiny shakespeare that trains on a 2-core CPU in a few minutes (docs/muon.md)
     "shakespeare": dict(SMALL, data="input.txt", muon_weight_decay=0.0, sample_prompt="ROMEO:"),
     # the same on your own fineweb.py shards (--data=FOLDER): 20 warmup steps, not 715; 64k val tokens
