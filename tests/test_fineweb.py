@@ -346,8 +346,9 @@ def test_streaming_matches_download_and_resumes(tmp_path, monkeypatch):
     assert folder_bytes(tmp_path / "stream") == clean and len(clean) >= 5  # shards + manifest
     rows_first = pq.ParquetFile(FINEWEB[0]).metadata.num_rows
 
-    # stopped after 3 shards (past the first file), then resumed: row groups read on the way
-    fineweb.write_shards(docs_from(True), str(tmp_path / "resumed"), params, SHARD, stop_after=3,
+    # stopped two thirds in (inside the second of two files of equal size), then resumed
+    half = len(read_shards(tmp_path / "download")[0]["shards"]) * 2 // 3
+    fineweb.write_shards(docs_from(True), str(tmp_path / "resumed"), params, SHARD, stop_after=half,
                          progress=False)
     manifest, _ = read_shards(tmp_path / "resumed")
     assert manifest["shards"][-1]["end"][0] > rows_first  # the resume starts in the second file
